@@ -1,1 +1,62 @@
-fn main() {}
+//! A mock SGLang worker: `mock-worker --port 31001` (see `slime_router::mock_worker`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use slime_router::mock_worker::{MockConfig, MockWorker, load_tokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "mock-worker",
+    about = "A mock SGLang worker for tests, demos and benchmarks"
+)]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0 picks a free port; the URL is printed).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Delay before every answer, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Fraction of /generate requests answered with 500.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Pace of generated tokens (0 = instant).
+    #[arg(long, default_value_t = 0.0)]
+    tokens_per_second: f64,
+    /// meta_info.weight_version to report.
+    #[arg(long, default_value = "default")]
+    weight_version: String,
+    /// tokenizer.json (or a directory holding it); without one a token is a byte.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let tokenizer = args.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+    let config = MockConfig {
+        delay: Duration::from_millis(args.delay_ms),
+        failure_rate: args.failure_rate,
+        tokens_per_second: args.tokens_per_second,
+        weight_version: args.weight_version,
+        tokenizer,
+        record: false,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let addr = tokio::net::lookup_host((args.host.as_str(), args.port))
+            .await?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", args.host))?;
+        let worker = MockWorker::start_on(addr, config).await?;
+        println!("{}", worker.url());
+        tokio::signal::ctrl_c().await?;
+        drop(worker);
+        Ok(())
+    })
+}

@@ -1,0 +1,119 @@
+//! Command-line configuration: SlimeRouter's flags, names and defaults unchanged, plus the
+//! knobs an operator of a long RL job expects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Every setting of the router, parsed once at startup.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "slime-router", version, about)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub sglang_router_ip: String,
+
+    /// Port to listen on (0 picks a free port).
+    #[arg(long, default_value_t = 30000)]
+    pub sglang_router_port: u16,
+
+    /// Middleware components (`.wasm`), run in the order given. A config string may follow
+    /// the path after `?`, e.g. `radix_tree.wasm?max_tokens=1000000`.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    pub slime_router_middleware_paths: Vec<String>,
+
+    /// Upstream timeout in seconds, for the response head and between body chunks
+    /// (none by default: long generations are normal).
+    #[arg(long, value_name = "SECONDS", value_parser = positive_secs)]
+    pub slime_router_timeout: Option<f64>,
+
+    /// Maximum concurrent upstream connections (requests beyond it wait for a free one).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slime_router_max_connections: u32,
+
+    /// Consecutive failed probes (or connect failures) before a worker is DEAD.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub slime_router_health_check_failure_threshold: u32,
+
+    /// Seconds between health-probe rounds.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    pub rollout_health_check_interval: f64,
+
+    /// Verbose logging (same as `--log-level debug`).
+    #[arg(long)]
+    pub verbose: bool,
+
+    /// Log filter, e.g. `info` or `slime_router=debug` (default: RUST_LOG, else info).
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Workers to register at startup.
+    #[arg(long, num_args = 1.., value_name = "URL")]
+    pub worker_urls: Vec<String>,
+
+    /// Seconds a health probe may take before it counts as failed.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub health_check_timeout: f64,
+
+    /// Path probed on each worker.
+    #[arg(long, default_value = "/health")]
+    pub health_check_path: String,
+
+    /// Consecutive successful probes before a DEAD worker serves again.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_check_success_threshold: u32,
+
+    /// Largest request body accepted, in MiB (routed_experts payloads are large).
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_body_mib: u64,
+
+    /// When set, worker-management endpoints require `Authorization: Bearer <key>`.
+    #[arg(long, env = "SLIME_ROUTER_ADMIN_API_KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+
+    /// Model directory holding tokenizer.json, or the tokenizer.json itself; backs the
+    /// middleware `tokenizer` import.
+    #[arg(long, value_name = "PATH")]
+    pub hf_checkpoint: Option<PathBuf>,
+
+    /// Guest CPU time allowed per middleware call, in milliseconds (host calls excluded).
+    #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
+    pub middleware_deadline_ms: f64,
+
+    /// Memory cap per middleware instance, in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub middleware_memory_mib: u64,
+
+    /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
+    pub shutdown_timeout: f64,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("expected a positive number, got {s:?}")),
+    }
+}
+
+impl Config {
+    /// A config with every default and no workers, for embedding and tests.
+    pub fn for_tests() -> Self {
+        let mut config = Self::parse_from(["slime-router"]);
+        config.sglang_router_port = 0;
+        config
+    }
+
+    pub fn upstream_timeout(&self) -> Option<Duration> {
+        self.slime_router_timeout.map(Duration::from_secs_f64)
+    }
+
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.rollout_health_check_interval)
+    }
+
+    pub fn max_request_body_bytes(&self) -> usize {
+        usize::try_from(self.max_request_body_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+    }
+}

@@ -1,0 +1,96 @@
+//! Background health probes. Every worker, dead ones included, is probed in parallel each
+//! round with a client of its own, so probes never queue behind proxied traffic and dead
+//! workers come back once they answer again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::pool::{Pool, Transition, Worker};
+
+#[derive(Clone)]
+pub struct Prober {
+    client: reqwest::Client,
+    path: String,
+    failure_threshold: u32,
+    success_threshold: u32,
+}
+
+impl Prober {
+    pub fn new(
+        timeout: Duration,
+        path: &str,
+        failure_threshold: u32,
+        success_threshold: u32,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .pool_max_idle_per_host(1)
+            .no_proxy()
+            .build()?;
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        Ok(Self {
+            client,
+            path,
+            failure_threshold,
+            success_threshold,
+        })
+    }
+
+    /// Probes one worker and applies the result to its state.
+    pub async fn probe(&self, worker: &Worker) {
+        let url = format!("{}{}", worker.url(), self.path);
+        let outcome = match self.client.get(&url).send().await {
+            Ok(response) if response.status().is_success() => Ok(()),
+            Ok(response) => Err(format!("status {}", response.status())),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(()) => {
+                if worker.record_success(self.success_threshold) == Some(Transition::Revived) {
+                    tracing::info!(worker = worker.url(), "worker live again");
+                }
+            }
+            Err(reason) => {
+                tracing::debug!(worker = worker.url(), %reason, "health probe failed");
+                if worker.record_failure(self.failure_threshold) == Some(Transition::Died) {
+                    tracing::warn!(worker = worker.url(), %reason, "worker DEAD: taken out of routing");
+                }
+            }
+        }
+    }
+
+    /// Probes every registered worker at once and waits for all of them.
+    pub async fn round(&self, pool: &Pool) {
+        let mut probes = JoinSet::new();
+        for worker in pool.snapshot().iter() {
+            let (prober, worker) = (self.clone(), worker.clone());
+            probes.spawn(async move { prober.probe(&worker).await });
+        }
+        while probes.join_next().await.is_some() {}
+    }
+
+    /// Probes `worker` now, off the caller's path (used when a known url is re-added).
+    pub fn probe_soon(&self, worker: Arc<Worker>) {
+        let prober = self.clone();
+        tokio::spawn(async move { prober.probe(&worker).await });
+    }
+}
+
+/// Runs probe rounds every `interval` until the returned task is aborted.
+pub fn spawn(prober: Prober, pool: Arc<Pool>, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            prober.round(&pool).await;
+        }
+    })
+}
