@@ -20,7 +20,12 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("slime-router: {e:#}");
+            // One line, whatever the causes print (wasm parse errors span several).
+            let message = format!("{e:#}")
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            eprintln!("slime-router: {message}");
             ExitCode::FAILURE
         }
     }

@@ -91,7 +91,7 @@ impl RunningRouter {
             Some(path) => Some(Arc::new(Tokenizer::load(path)?)),
             None => None,
         };
-        let pipeline = Pipeline::load(config, pool.clone(), metrics.clone(), tokenizer)?;
+        let pipeline = Pipeline::load(config, pool.clone(), metrics.clone(), tokenizer).await?;
         let prober = Prober::new(
             Duration::from_secs_f64(config.health_check_timeout),
             &config.health_check_path,

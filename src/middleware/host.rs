@@ -1,0 +1,333 @@
+//! What a guest's store holds and the host functions it may call: logging, a clock,
+//! metrics, a read-only view of the workers and the tokenizer. WASI is linked because Rust
+//! std imports it, but grants nothing: no files, sockets, env or args; stdio goes to the log.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::{host, tokenizer, types, workers};
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::tokenizer::Tokenizer;
+
+/// What every instance of one middleware shares with the router.
+pub struct Shared {
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    pub pool: Arc<Pool>,
+    pub tokenizer: Option<Arc<Tokenizer>>,
+}
+
+/// The data of one instance's store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub shared: Arc<Shared>,
+    pub limits: Limits,
+    pub budget: CpuBudget,
+}
+
+impl HostState {
+    pub fn new(shared: Arc<Shared>, memory_cap: usize, deadline: Duration) -> Self {
+        let log = |stream| LogStream {
+            middleware: shared.name.clone().into(),
+            stream,
+        };
+        let wasi = WasiCtx::builder()
+            .stdout(log("stdout"))
+            .stderr(log("stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limits: Limits {
+                memory_cap,
+                memory_hit: false,
+            },
+            budget: CpuBudget {
+                limit: deadline,
+                start: Duration::ZERO,
+                host: Duration::ZERO,
+                exceeded: false,
+            },
+            shared,
+        }
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// The memory cap; remembers a refusal so a failed call can be blamed on it.
+pub struct Limits {
+    memory_cap: usize,
+    pub memory_hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.memory_hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+/// Guest CPU time of the current call. Thread CPU time rather than wall time, so a loaded
+/// machine does not fail calls that are merely descheduled; host calls (tokenising a long
+/// prompt) are subtracted, since the guest does not control them.
+pub struct CpuBudget {
+    limit: Duration,
+    start: Duration,
+    host: Duration,
+    pub exceeded: bool,
+}
+
+impl CpuBudget {
+    pub fn begin(&mut self) {
+        self.start = thread_cpu_time();
+        self.host = Duration::ZERO;
+        self.exceeded = false;
+    }
+
+    /// Called on every epoch tick while the guest runs: false once the budget is spent.
+    pub fn within(&mut self) -> bool {
+        let used = thread_cpu_time()
+            .saturating_sub(self.start)
+            .saturating_sub(self.host);
+        self.exceeded = used > self.limit;
+        !self.exceeded
+    }
+
+    fn host_call<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let before = thread_cpu_time();
+        let result = f();
+        self.host += thread_cpu_time().saturating_sub(before);
+        result
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String) {
+        let middleware = self.shared.name.as_str();
+        match level {
+            host::Level::Trace => tracing::trace!(middleware, "{message}"),
+            host::Level::Debug => tracing::debug!(middleware, "{message}"),
+            host::Level::Info => tracing::info!(middleware, "{message}"),
+            host::Level::Warn => tracing::warn!(middleware, "{message}"),
+            host::Level::Error => tracing::error!(middleware, "{message}"),
+        }
+    }
+
+    fn now_ns(&mut self) -> u64 {
+        static ORIGIN: OnceLock<Instant> = OnceLock::new();
+        let origin = *ORIGIN.get_or_init(Instant::now);
+        u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn counter_add(&mut self, name: String, value: u64) {
+        if valid_metric_name(&self.shared.name, &name) {
+            self.shared
+                .metrics
+                .guest_counter_add(&self.shared.name, &name, value);
+        }
+    }
+
+    fn gauge_set(&mut self, name: String, value: i64) {
+        if valid_metric_name(&self.shared.name, &name) {
+            self.shared
+                .metrics
+                .guest_gauge_set(&self.shared.name, &name, value);
+        }
+    }
+}
+
+fn valid_metric_name(middleware: &str, name: &str) -> bool {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+    if !ok {
+        tracing::warn!(
+            middleware,
+            name,
+            "ignoring metric with an invalid name (want 1-64 of [a-z0-9_])"
+        );
+    }
+    ok
+}
+
+impl workers::Host for HostState {
+    fn list(&mut self) -> Vec<workers::Worker> {
+        self.shared
+            .pool
+            .snapshot()
+            .iter()
+            .map(|w| workers::Worker {
+                url: w.url().to_owned(),
+                live: w.is_live(),
+                in_flight: u32::try_from(w.in_flight()).unwrap_or(u32::MAX),
+            })
+            .collect()
+    }
+}
+
+const NO_TOKENIZER: &str =
+    "no tokenizer configured: start the router with --hf-checkpoint <model dir>";
+
+impl HostState {
+    fn with_tokenizer<R>(
+        &mut self,
+        f: impl FnOnce(&Tokenizer) -> Result<R, String>,
+    ) -> Result<R, String> {
+        let tokenizer = self
+            .shared
+            .tokenizer
+            .clone()
+            .ok_or_else(|| NO_TOKENIZER.to_owned())?;
+        self.budget.host_call(|| f(&tokenizer))
+    }
+}
+
+impl tokenizer::Host for HostState {
+    fn encode(&mut self, text: String) -> Result<Vec<u32>, String> {
+        self.with_tokenizer(|t| t.encode(&text))
+    }
+
+    fn decode(&mut self, ids: Vec<u32>, skip_special: bool) -> Result<String, String> {
+        self.with_tokenizer(|t| t.decode(&ids, skip_special))
+    }
+
+    fn token_lengths(&mut self, ids: Vec<u32>, skip_special: bool) -> Result<Vec<u32>, String> {
+        self.with_tokenizer(|t| t.token_lengths(&ids, skip_special))
+    }
+}
+
+/// A guest's stdout or stderr, written line by line into the router's log.
+struct LogStream {
+    middleware: Arc<str>,
+    stream: &'static str,
+}
+
+impl LogStream {
+    fn emit(&self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            tracing::info!(
+                middleware = &*self.middleware,
+                stream = self.stream,
+                "{line}"
+            );
+        }
+    }
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LogStream {
+            middleware: self.middleware.clone(),
+            stream: self.stream,
+        })
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LogStream {
+            middleware: self.middleware.clone(),
+            stream: self.stream,
+        })
+    }
+}
+
+// Writes complete at once, so a guest that prints never suspends (and never moves thread,
+// which would skew its CPU budget).
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.emit(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LogStream {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for LogStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.emit(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

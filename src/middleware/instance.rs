@@ -1,0 +1,222 @@
+//! One loaded middleware: its manifest and its instances. A stateful middleware keeps one
+//! long-lived instance with calls serialised; a stateless one draws from a small pool. Every
+//! call runs under the CPU deadline and memory cap; an instance whose call failed is thrown
+//! away and rebuilt on next use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use wasmtime::{Store, UpdateDeadline};
+
+use super::bindings::{FailureMode, Handler, Hooks, Manifest, Middleware, MiddlewarePre};
+use super::host::{HostState, Shared};
+
+/// Idle instances kept per stateless middleware.
+const POOL_IDLE: usize = 16;
+
+/// An instance and its store.
+pub struct Slot {
+    store: Store<HostState>,
+    bindings: Middleware,
+}
+
+impl Slot {
+    /// The guest's exports and the store to call them with.
+    pub fn parts(&mut self) -> (&Handler, &mut Store<HostState>) {
+        (self.bindings.slime_router_handler(), &mut self.store)
+    }
+}
+
+/// Why a call failed, for logs, metrics and the 500 body.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+enum Slots {
+    Stateful(tokio::sync::Mutex<Option<Slot>>),
+    Pooled(std::sync::Mutex<Vec<Slot>>),
+}
+
+/// Everything needed to make a fresh instance of one middleware.
+pub struct Factory {
+    pub engine: wasmtime::Engine,
+    pub pre: MiddlewarePre<HostState>,
+    pub config: String,
+    pub shared: Arc<Shared>,
+    pub memory_cap: usize,
+    pub deadline: Duration,
+}
+
+impl Factory {
+    async fn instantiate(&self) -> wasmtime::Result<(Slot, Manifest)> {
+        let state = HostState::new(self.shared.clone(), self.memory_cap, self.deadline);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+        store.epoch_deadline_callback(|mut ctx| {
+            if ctx.data_mut().budget.within() {
+                Ok(UpdateDeadline::Continue(1))
+            } else {
+                Ok(UpdateDeadline::Interrupt)
+            }
+        });
+        store.data_mut().budget.begin();
+        store.set_epoch_deadline(1);
+        let bindings = self.pre.instantiate_async(&mut store).await?;
+        let mut slot = Slot { store, bindings };
+        let (handler, store) = slot.parts();
+        let manifest = handler
+            .call_init(&mut *store, &self.config)
+            .await?
+            .map_err(|e| wasmtime::format_err!("init refused its config: {e}"))?;
+        Ok((slot, manifest))
+    }
+}
+
+pub struct Guest {
+    pub manifest: Manifest,
+    factory: Factory,
+    slots: Slots,
+}
+
+impl Guest {
+    /// Instantiates once and runs `init`, which validates the config and yields the manifest.
+    pub async fn load(factory: Factory) -> anyhow::Result<Self> {
+        let (slot, manifest) = factory
+            .instantiate()
+            .await
+            .map_err(|e| anyhow!("{}", describe(&e)))?;
+        let slots = if manifest.stateful {
+            Slots::Stateful(tokio::sync::Mutex::new(Some(slot)))
+        } else {
+            Slots::Pooled(std::sync::Mutex::new(vec![slot]))
+        };
+        Ok(Self {
+            manifest,
+            factory,
+            slots,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.factory.shared.name
+    }
+
+    /// Runs `f` on an instance under the deadline and memory cap.
+    pub async fn call<R>(
+        &self,
+        f: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
+    ) -> Result<R, Failure> {
+        match &self.slots {
+            Slots::Stateful(cell) => {
+                let mut held = cell.lock().await;
+                let mut slot = match held.take() {
+                    Some(slot) => slot,
+                    None => self.rebuild().await?,
+                };
+                let result = run(&mut slot, f).await;
+                if result.is_ok() {
+                    *held = Some(slot);
+                }
+                result
+            }
+            Slots::Pooled(idle) => {
+                let pooled = lock(idle).pop();
+                let mut slot = match pooled {
+                    Some(slot) => slot,
+                    None => self.rebuild().await?,
+                };
+                let result = run(&mut slot, f).await;
+                if result.is_ok() {
+                    let mut idle = lock(idle);
+                    if idle.len() < POOL_IDLE {
+                        idle.push(slot);
+                    }
+                }
+                result
+            }
+        }
+    }
+
+    async fn rebuild(&self) -> Result<Slot, Failure> {
+        tracing::debug!(middleware = self.name(), "instantiating");
+        self.factory
+            .instantiate()
+            .await
+            .map(|(slot, _)| slot)
+            .map_err(|e| Failure {
+                kind: "instantiate",
+                reason: describe(&e),
+            })
+    }
+}
+
+async fn run<R>(
+    slot: &mut Slot,
+    f: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
+) -> Result<R, Failure> {
+    let state = slot.store.data_mut();
+    state.budget.begin();
+    state.limits.memory_hit = false;
+    slot.store.set_epoch_deadline(1);
+    match f(slot).await {
+        Ok(value) => Ok(value),
+        Err(error) => {
+            let state = slot.store.data();
+            let kind = if state.budget.exceeded {
+                "deadline"
+            } else if state.limits.memory_hit {
+                "memory"
+            } else {
+                "trap"
+            };
+            Err(Failure {
+                kind,
+                reason: describe(&error),
+            })
+        }
+    }
+}
+
+/// The error and its causes on one line; wasm backtraces stay out of HTTP bodies.
+fn describe(error: &wasmtime::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or_default().trim().to_owned();
+        if !first.is_empty()
+            && !parts.contains(&first)
+            && !first.starts_with("error while executing at wasm backtrace")
+        {
+            parts.push(first);
+        }
+    }
+    parts.join(": ")
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Guest {
+    pub fn fails_open(&self) -> bool {
+        matches!(self.manifest.on_failure, FailureMode::FailOpen)
+    }
+
+    /// Whether the hooks run for requests to `path` (path without query).
+    pub fn applies_to(&self, path: &str) -> bool {
+        self.manifest.paths.is_empty() || self.manifest.paths.iter().any(|p| p == path)
+    }
+
+    pub fn wants(&self, hooks: Hooks) -> bool {
+        self.manifest.hooks.contains(hooks)
+    }
+
+    pub fn wants_any(&self, hooks: Hooks) -> bool {
+        self.manifest.hooks.intersects(hooks)
+    }
+}
