@@ -1,0 +1,626 @@
+//! The middleware's behaviour over the [`RadixTree`], written against a [`Host`] trait rather
+//! than the wasm bindings so that it runs natively in tests with a fake tokenizer.
+//!
+//! Flow for one `/generate` with `text`:
+//! 1. `on_request`: longest cached prefix that ends at a segment end (see below) -> its ids;
+//!    tokenise only the rest; insert the rest as prompt (mask 0) so the prompt is cached as
+//!    the worker sees it; rewrite the body to `input_ids`; stash the prompt's [`NodeRef`].
+//! 2. `on_response` / `on_response_chunk`: insert the output (mask 1, logprobs, the worker's
+//!    `weight_version`) below the stashed node.
+//!
+//! Where the cached prefix may end: the rewrite joins cached ids to a fresh tokenisation of
+//! the rest, which cuts the text in two, and a cut inside a word gives a tokenisation the
+//! tokenizer never produces: with ` the` cached, `them` becomes ` the` + `m` where
+//! tokenising the whole text gives ` them`. So the rewrite only joins at a *segment end*,
+//! where an earlier prompt or output ended ([`RadixTree::lookup_segment`]): it backs off from
+//! the longest cached prefix to the last segment end on that path, or to nothing (the whole
+//! text is tokenised). What the cache is for still works: a multi-turn request (previous
+//! prompt + previous output + new text) reuses everything up to the previous output's end,
+//! and the `n` samples of one prompt share it whole; only a prefix that stops inside someone
+//! else's prompt or output is no longer used. A segment end is a cut that was made before,
+//! so a text continuing one mid-word (a cached prompt ending in ` the`, a new one in
+//! ` them`) is still cut there; after an output that is right, since the model produced
+//! exactly those tokens and the next turn extends them.
+//!
+//! `/retrieve_from_text` instead takes the longest prefix ending on any piece boundary: it
+//! must return the stored tokens for whatever cached text it is given.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::sglang::{GenerateOutput, GenerateRequest, Text, last_data_event};
+use crate::tree::{
+    Config, DEFAULT_VERSION, Location, NodeRef, Pieces, RadixTree, Stats, pieces_from_lengths,
+};
+
+/// What the cache needs from the router: the tokenizer, logging and metrics.
+pub trait Host {
+    /// `tokenizer.encode`.
+    fn encode(&self, text: &str) -> Result<Vec<u32>, String>;
+    /// `tokenizer.decode`.
+    fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String>;
+    /// `tokenizer.token-lengths`.
+    fn token_lengths(&self, ids: &[u32], skip_special: bool) -> Result<Vec<u32>, String>;
+    /// Logs at debug level.
+    fn debug(&self, message: &str);
+    /// Adds to a counter (`slime_router_mw_<name>_total`).
+    fn counter_add(&self, name: &str, value: u64);
+    /// Sets a gauge (`slime_router_mw_<name>`).
+    fn gauge_set(&self, name: &str, value: i64);
+}
+
+/// What to do with a `/generate` request.
+#[derive(Debug, PartialEq)]
+pub enum RequestOutcome {
+    /// Forward it untouched and cache nothing.
+    Pass,
+    /// Forward it untouched; `stash` names the prompt's node for the response.
+    Record { stash: Vec<u8> },
+    /// Replace `text` with `input_ids`; `stash` names the prompt's node for the response.
+    Rewrite { input_ids: Vec<u32>, stash: Vec<u8> },
+}
+
+/// A JSON reply of `handle`.
+#[derive(Debug, PartialEq)]
+pub struct JsonReply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl JsonReply {
+    fn error(status: u16, message: &str) -> Self {
+        #[derive(Serialize)]
+        struct Error<'a> {
+            error: &'a str,
+        }
+        let body = serde_json::to_vec(&Error { error: message })
+            .unwrap_or_else(|_| br#"{"error":"radix-tree: error"}"#.to_vec());
+        JsonReply { status, body }
+    }
+
+    fn ok<T: Serialize>(value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => JsonReply { status: 200, body },
+            Err(e) => Self::error(500, &format!("radix-tree: cannot serialise reply: {e}")),
+        }
+    }
+}
+
+/// Stash layout: a tag byte, the id of the cache that wrote it, the prompt's [`NodeRef`],
+/// then (streams only) the last SSE event.
+const STASH_TAG: u8 = 2;
+const STASH_HEAD: usize = 17;
+
+fn stash_of(cache: u64, node: NodeRef) -> Vec<u8> {
+    let mut stash = Vec::with_capacity(STASH_HEAD);
+    stash.push(STASH_TAG);
+    stash.extend_from_slice(&cache.to_le_bytes());
+    stash.extend_from_slice(&node.to_bytes());
+    stash
+}
+
+/// (cache id, prompt node, last SSE event) of a stash written by [`stash_of`].
+fn parse_stash(stash: &[u8]) -> Option<(u64, NodeRef, &[u8])> {
+    let (&tag, rest) = stash.split_first()?;
+    let (cache, rest) = rest.split_first_chunk::<8>()?;
+    let (node, event) = rest.split_first_chunk::<8>()?;
+    (tag == STASH_TAG).then(|| {
+        (
+            u64::from_le_bytes(*cache),
+            NodeRef::from_bytes(*node),
+            event,
+        )
+    })
+}
+
+/// Responses seen by the cache, by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Responses {
+    cached: u64,
+    /// Not cached: error status, abort, unparsable body, no output, prompt evicted, or the
+    /// request went through an earlier cache (see [`Cache::new`]).
+    skipped: u64,
+}
+
+/// The trajectory cache middleware.
+#[derive(Debug)]
+pub struct Cache {
+    tree: RadixTree,
+    /// Tells this cache's stashes from an earlier one's: see [`Cache::new`].
+    id: u64,
+    responses: Responses,
+    /// What the metrics last showed, to publish deltas; `None` before the first publish,
+    /// which sets every gauge.
+    published: Option<(Stats, Responses, usize)>,
+    /// Token id -> its text if it decodes to nothing with special tokens skipped.
+    specials: BTreeMap<u32, Option<String>>,
+}
+
+impl Cache {
+    /// An empty cache.
+    ///
+    /// `id` must differ from that of any earlier cache in the same router. The router calls
+    /// `init` in every instance it creates, and rebuilds the (stateful, single) instance after
+    /// a trap, so a new cache may start while requests rewritten by the old one are still at
+    /// a worker. Their stashes name nodes of the old tree, and the same slot in the new tree
+    /// may hold anything: a stash with another id is ignored. The guest passes the host's
+    /// `now-ns` at `init`.
+    pub fn new(config: Config, id: u64) -> Self {
+        Cache {
+            tree: RadixTree::new(config),
+            id,
+            responses: Responses::default(),
+            published: None,
+            specials: BTreeMap::new(),
+        }
+    }
+
+    /// The tree, for inspection.
+    pub fn tree(&self) -> &RadixTree {
+        &self.tree
+    }
+
+    /// `on-request` for `/generate`: rewrites `text` to cached-prefix ids + tail ids, or
+    /// records `input_ids`. Anything else (batches, no tokenizer, bad JSON) passes through:
+    /// SGLang tokenises it as before, only uncached.
+    pub fn on_request(&mut self, body: &[u8], host: &impl Host) -> RequestOutcome {
+        let request = match serde_json::from_slice::<GenerateRequest<'_>>(body) {
+            Ok(request) => request,
+            Err(_) => {
+                host.debug("radix-tree: not a single-prompt /generate body; passed through");
+                return RequestOutcome::Pass;
+            }
+        };
+        let outcome = match (request.text, request.input_ids) {
+            (Some(Text(text)), None) if !text.is_empty() => self.rewrite(&text, host),
+            (None, Some(ids)) if !ids.is_empty() => self.record(&ids, host),
+            _ => RequestOutcome::Pass,
+        };
+        self.publish(host);
+        outcome
+    }
+
+    fn rewrite(&mut self, text: &str, host: &impl Host) -> RequestOutcome {
+        // Not the longest cached prefix but the longest ending at a segment end, so that the
+        // text is only cut where it was cut before (see the module docs).
+        let found = self.tree.lookup_segment(text);
+        let tail = &text[found.len..];
+        let mut input_ids = Vec::with_capacity(found.tokens + tail.len() / 3 + 1);
+        if !self.tree.extend_ids(&found.at, &mut input_ids) {
+            return RequestOutcome::Pass;
+        }
+        let node = if tail.is_empty() {
+            self.tree.insert(&found.at, &Pieces::EMPTY, None)
+        } else {
+            let covered = self.covered_by_last_token(&text[..found.len], &input_ids, tail, host);
+            let new_text = &tail[covered..];
+            let tail_ids = match host.encode(new_text) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    host.debug(&format!("radix-tree: cannot tokenise; passed through: {e}"));
+                    return RequestOutcome::Pass;
+                }
+            };
+            // Without lengths the tail is cached as one piece: correct, only not splittable.
+            let lengths = host.token_lengths(&tail_ids, false).unwrap_or_default();
+            let mut ends = pieces_from_lengths(new_text, &tail_ids, &lengths);
+            // The covered text joins the first piece: its token is the prefix's last one.
+            for end in &mut ends {
+                end.text += covered as u32;
+            }
+            let Some(pieces) = Pieces::new(tail, &tail_ids, &ends) else {
+                host.debug("radix-tree: tail tokenised to nothing; passed through");
+                return RequestOutcome::Pass;
+            };
+            input_ids.extend_from_slice(&tail_ids);
+            // The prompt carries the newest version seen: it is what the worker runs now.
+            self.tree.insert(&found.at, &pieces, None)
+        };
+        match node {
+            Some(node) => RequestOutcome::Rewrite {
+                input_ids,
+                stash: stash_of(self.id, node),
+            },
+            None => RequestOutcome::Pass,
+        }
+    }
+
+    /// Bytes at the start of `tail` that the prefix's last token already stands for.
+    ///
+    /// An output is cached with the text SGLang returns, which skips special tokens, so its
+    /// EOS (`<|im_end|>`) has no text of its own. A chat template that renders the next turn
+    /// writes that EOS out as text right after the output; tokenising it again would give the
+    /// worker the EOS twice. So when the prefix ends in such a token (its text is not at the
+    /// end of the matched text) and the tail starts with its text, that text is not tokenised.
+    /// The prefix is the one after the back-off to a segment end, so an output's EOS is its
+    /// last token whenever the match stops at that output's end.
+    fn covered_by_last_token(
+        &mut self,
+        matched: &str,
+        prefix_ids: &[u32],
+        tail: &str,
+        host: &impl Host,
+    ) -> usize {
+        let Some(&last) = prefix_ids.last() else {
+            return 0;
+        };
+        let special = match self.specials.get(&last) {
+            Some(known) => known.clone(),
+            None => {
+                let skipped = host.token_lengths(&[last], true).is_ok_and(|l| l == [0]);
+                let text = if skipped {
+                    host.decode(&[last], false).ok().filter(|t| !t.is_empty())
+                } else {
+                    None
+                };
+                // Bounded: the last ids of prefixes are mostly a few EOS tokens.
+                if self.specials.len() >= 1024 {
+                    self.specials.clear();
+                }
+                self.specials.insert(last, text.clone());
+                text
+            }
+        };
+        match special {
+            Some(s) if tail.len() > s.len() && tail.starts_with(&*s) && !matched.ends_with(&*s) => {
+                s.len()
+            }
+            _ => 0,
+        }
+    }
+
+    fn record(&mut self, ids: &[u32], host: &impl Host) -> RequestOutcome {
+        let text = match host.decode(ids, false) {
+            Ok(text) => text,
+            Err(e) => {
+                host.debug(&format!(
+                    "radix-tree: cannot decode input_ids; not cached: {e}"
+                ));
+                return RequestOutcome::Pass;
+            }
+        };
+        let lengths = host.token_lengths(ids, false).unwrap_or_default();
+        let ends = pieces_from_lengths(&text, ids, &lengths);
+        let Some(pieces) = Pieces::new(&text, ids, &ends) else {
+            return RequestOutcome::Pass;
+        };
+        match self.tree.insert(&Location::ROOT, &pieces, None) {
+            Some(node) => RequestOutcome::Record {
+                stash: stash_of(self.id, node),
+            },
+            None => RequestOutcome::Pass,
+        }
+    }
+
+    /// `on-response` with a buffered body: caches the output below the stashed prompt.
+    pub fn on_response(&mut self, status: u16, body: &[u8], stash: &[u8], host: &impl Host) {
+        let Some((id, node, _)) = parse_stash(stash) else {
+            return;
+        };
+        if status == 200 && id == self.id {
+            self.record_outputs(node, body, false, host);
+        } else {
+            self.responses.skipped += 1;
+        }
+        self.publish(host);
+    }
+
+    /// `on-response-chunk`: keeps the latest event in the stash and caches it once the stream
+    /// ends, since SGLang's events carry the cumulative text, ids and logprobs. Returns the new
+    /// stash, if it changed.
+    pub fn on_chunk(
+        &mut self,
+        events: &[u8],
+        last: bool,
+        stash: &[u8],
+        host: &impl Host,
+    ) -> Option<Vec<u8>> {
+        let (id, node, previous) = parse_stash(stash)?;
+        if id != self.id {
+            if last {
+                self.responses.skipped += 1;
+                self.publish(host);
+            }
+            return None;
+        }
+        let latest = last_data_event(events);
+        if last {
+            let event = latest.or((!previous.is_empty()).then_some(previous));
+            match event {
+                Some(event) => self.record_outputs(node, event, true, host),
+                None => self.responses.skipped += 1,
+            }
+            self.publish(host);
+            return None;
+        }
+        let event = latest?;
+        let mut next = Vec::with_capacity(STASH_HEAD + event.len());
+        next.extend_from_slice(&stash[..STASH_HEAD]);
+        next.extend_from_slice(event);
+        Some(next)
+    }
+
+    /// Caches the output(s) in a response body: one object, or a list for `n > 1` sampling.
+    fn record_outputs(&mut self, node: NodeRef, json: &[u8], streamed: bool, host: &impl Host) {
+        let first = json.iter().find(|b| !b.is_ascii_whitespace());
+        let recorded = match first {
+            Some(b'{') => serde_json::from_slice::<GenerateOutput<'_>>(json)
+                .map(|out| self.record_output(node, &out, streamed, host)),
+            Some(b'[') => serde_json::from_slice::<Vec<GenerateOutput<'_>>>(json).map(|outs| {
+                for out in &outs {
+                    self.record_output(node, out, streamed, host);
+                }
+            }),
+            _ => {
+                self.responses.skipped += 1;
+                return;
+            }
+        };
+        if recorded.is_err() {
+            host.debug("radix-tree: response is not /generate output JSON; not cached");
+            self.responses.skipped += 1;
+        }
+    }
+
+    fn record_output(
+        &mut self,
+        node: NodeRef,
+        out: &GenerateOutput<'_>,
+        streamed: bool,
+        host: &impl Host,
+    ) {
+        let cached = self.try_record_output(node, out, streamed, host);
+        if cached {
+            self.responses.cached += 1;
+        } else {
+            self.responses.skipped += 1;
+        }
+    }
+
+    fn try_record_output(
+        &mut self,
+        node: NodeRef,
+        out: &GenerateOutput<'_>,
+        streamed: bool,
+        host: &impl Host,
+    ) -> bool {
+        let meta = out.meta_info.as_ref();
+        if meta.is_some_and(|m| m.aborted()) {
+            return false;
+        }
+        let logprobs = meta.and_then(|m| m.output_token_logprobs.as_ref());
+        let (ids, logprobs) = match logprobs {
+            Some(lp) if !lp.ids.is_empty() => (&lp.ids[..], Some(&lp.logprobs[..])),
+            _ => match &out.output_ids {
+                Some(ids) => (&ids[..], None),
+                None => return false,
+            },
+        };
+        // A delta event (incremental streaming) would cache the prompt plus the last delta.
+        if streamed
+            && meta
+                .and_then(|m| m.completion_tokens)
+                .is_some_and(|n| n != ids.len() as u64)
+        {
+            host.debug("radix-tree: stream events are deltas; output not cached");
+            return false;
+        }
+        let Some(Text(text)) = &out.text else {
+            return false;
+        };
+        let ends = output_pieces(text, ids, host);
+        let version = meta
+            .and_then(|m| m.weight_version())
+            .unwrap_or(Cow::Borrowed(DEFAULT_VERSION));
+        let pieces = Pieces::new(text, ids, &ends)
+            .and_then(|p| match logprobs {
+                Some(lp) => p.with_logprobs(lp),
+                None => Some(p),
+            })
+            .map(|p| p.with_loss_mask(true));
+        // No pieces: empty text (e.g. only an EOS), which no text lookup could find.
+        let Some(pieces) = pieces.filter(|p| !p.is_empty()) else {
+            return false;
+        };
+        // None: the prompt was evicted while the worker generated.
+        self.tree
+            .insert_below(node, &pieces, Some(&version))
+            .is_some()
+    }
+
+    /// `handle`: `POST /retrieve_from_text` and `GET /radix_tree/stats`.
+    pub fn handle(&self, method: &str, path: &str, body: &[u8], host: &impl Host) -> JsonReply {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        match (method, path) {
+            ("POST", "/retrieve_from_text") => self.retrieve(body, host),
+            ("GET", "/radix_tree/stats") => self.stats(),
+            _ => JsonReply::error(404, &format!("radix-tree: no route {method} {path}")),
+        }
+    }
+
+    /// Tokens, loss mask and logprobs of `text`: the cached prefix with its stored values, the
+    /// rest tokenised as prompt (mask 0, logprob 0.0). Read-only.
+    ///
+    /// The prefix is the longest on any piece boundary, not only at a segment end as for
+    /// `/generate`: the caller wants the tokens the model saw and produced for as much of the
+    /// text as is cached, wherever it stops.
+    fn retrieve(&self, body: &[u8], host: &impl Host) -> JsonReply {
+        #[derive(Deserialize)]
+        struct Request<'a> {
+            #[serde(borrow, default)]
+            text: Option<&'a RawValue>,
+        }
+        #[derive(Serialize)]
+        struct Response<'a> {
+            tokens: &'a [u32],
+            response: &'a str,
+            loss_mask: &'a [u8],
+            token_length: usize,
+            loss_mask_length: usize,
+            rollout_logp: &'a [f32],
+        }
+        let Ok(request) = serde_json::from_slice::<Request<'_>>(body) else {
+            return JsonReply::error(400, r#"radix-tree: body must be JSON like {"text": "..."}"#);
+        };
+        let Some(raw) = request.text else {
+            return JsonReply::error(400, "radix-tree: missing `text`");
+        };
+        let Ok(Text(text)) = serde_json::from_str::<Text<'_>>(raw.get()) else {
+            return JsonReply::error(400, "radix-tree: `text` must be a string");
+        };
+        if text.is_empty() {
+            return JsonReply::error(400, "radix-tree: `text` is empty");
+        }
+        let found = self.tree.lookup_read_only(&text);
+        let rest = &text[found.len..];
+        let rest_ids = if rest.is_empty() {
+            Vec::new()
+        } else {
+            match host.encode(rest) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    return JsonReply::error(
+                        503,
+                        &format!(
+                            "radix-tree: {} bytes of the text are not cached and tokenising them \
+                             needs a tokenizer (start the router with --hf-checkpoint): {e}",
+                            rest.len()
+                        ),
+                    );
+                }
+            }
+        };
+        let n = found.tokens + rest_ids.len();
+        let (mut tokens, mut loss_mask, mut logp) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for segment in self.tree.path_tokens(&found.at).unwrap_or_default() {
+            for t in segment {
+                tokens.push(t.id());
+                loss_mask.push(t.loss_mask());
+                logp.push(t.logprob());
+            }
+        }
+        tokens.extend_from_slice(&rest_ids);
+        loss_mask.resize(tokens.len(), 0);
+        logp.resize(tokens.len(), 0.0);
+        JsonReply::ok(&Response {
+            tokens: &tokens,
+            response: &text,
+            loss_mask: &loss_mask,
+            token_length: tokens.len(),
+            loss_mask_length: loss_mask.len(),
+            rollout_logp: &logp,
+        })
+    }
+
+    fn stats(&self) -> JsonReply {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            nodes: u64,
+            tokens: u64,
+            text_bytes: u64,
+            memory_bytes: usize,
+            max_tokens: usize,
+            keep_versions: Option<usize>,
+            versions: u64,
+            newest_version: Option<&'a str>,
+            hits: u64,
+            misses: u64,
+            matched_tokens: u64,
+            inserted_tokens: u64,
+            evicted_nodes: u64,
+            evicted_tokens: u64,
+            version_evicted_nodes: u64,
+            version_evicted_tokens: u64,
+            responses_cached: u64,
+            responses_skipped: u64,
+        }
+        let s = self.tree.stats();
+        let config = self.tree.config();
+        JsonReply::ok(&Body {
+            nodes: s.nodes,
+            tokens: s.tokens,
+            text_bytes: s.text_bytes,
+            memory_bytes: self.tree.memory_bytes(),
+            max_tokens: config.max_tokens,
+            keep_versions: config.keep_versions.filter(|&k| k > 0),
+            versions: s.versions,
+            newest_version: self.tree.newest_version(),
+            hits: s.hits,
+            misses: s.misses,
+            matched_tokens: s.matched_tokens,
+            inserted_tokens: s.inserted_tokens,
+            evicted_nodes: s.evicted_nodes,
+            evicted_tokens: s.evicted_tokens,
+            version_evicted_nodes: s.version_evicted_nodes,
+            version_evicted_tokens: s.version_evicted_tokens,
+            responses_cached: self.responses.cached,
+            responses_skipped: self.responses.skipped,
+        })
+    }
+
+    /// Publishes what changed since the last call: counter deltas, then gauges; every gauge
+    /// on the first call, so that a new cache replaces the values a failed one left.
+    pub fn publish(&mut self, host: &impl Host) {
+        let (s, r) = (self.tree.stats(), self.responses);
+        let first = self.published.is_none();
+        let (ps, pr, p_memory) = self.published.unwrap_or_default();
+        let counters = [
+            ("radix_hits", s.hits, ps.hits),
+            ("radix_misses", s.misses, ps.misses),
+            ("radix_matched_tokens", s.matched_tokens, ps.matched_tokens),
+            (
+                "radix_inserted_tokens",
+                s.inserted_tokens,
+                ps.inserted_tokens,
+            ),
+            ("radix_evicted_tokens", s.evicted_tokens, ps.evicted_tokens),
+            (
+                "radix_version_evicted_tokens",
+                s.version_evicted_tokens,
+                ps.version_evicted_tokens,
+            ),
+            ("radix_responses_cached", r.cached, pr.cached),
+            ("radix_responses_skipped", r.skipped, pr.skipped),
+        ];
+        for (name, now, before) in counters {
+            if now > before {
+                host.counter_add(name, now - before);
+            }
+        }
+        let memory = self.tree.memory_bytes();
+        let gauges = [
+            ("radix_nodes", s.nodes, ps.nodes),
+            ("radix_tokens", s.tokens, ps.tokens),
+            ("radix_memory_bytes", memory as u64, p_memory as u64),
+        ];
+        for (name, now, before) in gauges {
+            if now != before || first {
+                host.gauge_set(name, i64::try_from(now).unwrap_or(i64::MAX));
+            }
+        }
+        self.published = Some((s, r, memory));
+    }
+}
+
+/// Pieces of a model output: token lengths when the ids decode to exactly `text` (with
+/// special tokens skipped, as SGLang does by default, or kept), else one piece (e.g. a stop
+/// string trimmed from `text`).
+fn output_pieces(text: &str, ids: &[u32], host: &impl Host) -> Vec<crate::tree::PieceEnd> {
+    for skip_special in [true, false] {
+        if host.decode(ids, skip_special).is_ok_and(|d| d == text) {
+            let lengths = host.token_lengths(ids, skip_special).unwrap_or_default();
+            return pieces_from_lengths(text, ids, &lengths);
+        }
+    }
+    pieces_from_lengths(text, ids, &[])
+}
+
+#[cfg(test)]
+mod tests;
