@@ -1,0 +1,13 @@
+//! Integration tests: the real router and mock workers on loopback ephemeral ports. One
+//! binary, so the heavy dependencies link once.
+
+mod admin;
+mod common;
+mod examples;
+mod guests;
+mod health;
+mod middleware;
+mod proxy;
+mod radix;
+mod shutdown;
+mod streaming;

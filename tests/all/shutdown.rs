@@ -1,0 +1,84 @@
+//! Graceful shutdown: in-flight requests finish, new ones are refused.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::common::{mock, router_with};
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() -> Result<()> {
+    let a = mock().await?;
+    let r = router_with(&[&a]).await?;
+    let (client, url, base) = (r.client.clone(), r.url("/generate"), r.base.clone());
+    let slow = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("x-mock-delay-ms", "400")
+            .body(json!({"text": "x"}).to_string())
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.router.shutdown().await;
+    let response = slow.await??;
+    assert_eq!(
+        response.status().as_u16(),
+        200,
+        "the in-flight request completed"
+    );
+    assert!(
+        reqwest::get(format!("{base}/list_workers")).await.is_err(),
+        "no new connections after shutdown"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() -> Result<()> {
+    let a = mock().await?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slime-router"))
+        .args([
+            "--sglang-router-port",
+            "0",
+            "--worker-urls",
+            &a.url(),
+            "--log-level",
+            "info",
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .context("router exited before listening")?;
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().context("addr")?.to_owned();
+        }
+    };
+    let client = reqwest::Client::new();
+    let slow = tokio::spawn(
+        client
+            .post(format!("http://{addr}/generate"))
+            .header("x-mock-delay-ms", "500")
+            .body(json!({"text": "x"}).to_string())
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let pid = child.id().context("pid")?;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    assert_eq!(slow.await??.status().as_u16(), 200);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
