@@ -155,7 +155,7 @@ fn add_worker(app: &App, raw: &str) -> Result<String, RouterError> {
         tracing::info!(worker = worker.url(), "worker added");
     } else if !worker.is_live() {
         // A dead worker registering again is likely back: check now instead of next round.
-        app.prober().probe_soon(worker.clone());
+        app.probe_now().request(worker.clone());
     }
     Ok(worker.url().to_owned())
 }

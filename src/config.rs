@@ -85,6 +85,10 @@ pub struct Config {
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub middleware_memory_mib: u64,
 
+    /// Serving threads, each with its own event loop and listener (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
     pub shutdown_timeout: f64,

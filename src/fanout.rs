@@ -10,8 +10,8 @@ use tokio::task::JoinSet;
 
 use crate::body::RouterBody;
 use crate::error::{RouterError, json_response};
-use crate::proxy::{Outbound, strip_hop_by_hop};
-use crate::server::App;
+use crate::pool::Pool;
+use crate::proxy::{Outbound, Proxy, strip_hop_by_hop};
 
 pub fn is_fanout(path: &PathAndQuery) -> bool {
     matches!(path.path(), "/abort_request" | "/flush_cache")
@@ -19,7 +19,11 @@ pub fn is_fanout(path: &PathAndQuery) -> bool {
 
 /// Sends `out` to every live worker and waits for all: 200 when all answered 2xx, else the
 /// first failure's status; the body lists each worker's result.
-pub async fn broadcast(app: &App, out: &mut Outbound) -> Result<Response<RouterBody>, RouterError> {
+pub async fn broadcast(
+    pool: &Pool,
+    proxy: &Proxy,
+    out: &mut Outbound,
+) -> Result<Response<RouterBody>, RouterError> {
     strip_hop_by_hop(&mut out.headers);
     out.headers.remove(http::header::HOST);
     out.headers.remove(http::header::CONTENT_LENGTH);
@@ -30,8 +34,7 @@ pub async fn broadcast(app: &App, out: &mut Outbound) -> Result<Response<RouterB
         body: out.body.clone(),
         hint: None,
     });
-    let workers: Vec<_> = app
-        .pool()
+    let workers: Vec<_> = pool
         .snapshot()
         .iter()
         .filter(|w| w.is_live())
@@ -42,7 +45,7 @@ pub async fn broadcast(app: &App, out: &mut Outbound) -> Result<Response<RouterB
     }
     let mut calls = JoinSet::new();
     for (index, worker) in workers.into_iter().enumerate() {
-        let (proxy, request) = (app.proxy().clone(), request.clone());
+        let (proxy, request) = (proxy.clone(), request.clone());
         calls.spawn(async move {
             let result = proxy.send_to(&worker, &request).await;
             (index, worker.url().to_owned(), result)

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::pool::{Pool, Transition, Worker};
@@ -74,23 +75,49 @@ impl Prober {
         }
         while probes.join_next().await.is_some() {}
     }
+}
 
-    /// Probes `worker` now, off the caller's path (used when a known url is re-added).
-    pub fn probe_soon(&self, worker: Arc<Worker>) {
-        let prober = self.clone();
-        tokio::spawn(async move { prober.probe(&worker).await });
+/// Asks the health loop to probe a worker now, off the caller's path (used when a known
+/// url is re-added). Cheap to clone; probes stay on the loop's own client and runtime.
+#[derive(Clone)]
+pub struct ProbeNow(mpsc::UnboundedSender<Arc<Worker>>);
+
+impl ProbeNow {
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<Arc<Worker>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Self(tx), rx)
+    }
+
+    pub fn request(&self, worker: Arc<Worker>) {
+        let _ = self.0.send(worker);
     }
 }
 
-/// Runs probe rounds every `interval` until the returned task is aborted.
-pub fn spawn(prober: Prober, pool: Arc<Pool>, interval: Duration) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            ticker.tick().await;
-            prober.round(&pool).await;
+/// Runs probe rounds every `interval`, and single probes on request, until dropped.
+pub async fn run(
+    prober: Prober,
+    pool: Arc<Pool>,
+    interval: Duration,
+    mut now: mpsc::UnboundedReceiver<Arc<Worker>>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    // Rounds run beside the loop so a slow round never delays a requested probe; a round
+    // still running when the next tick comes is not doubled.
+    let mut round: Option<tokio::task::JoinHandle<()>> = None;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                if round.as_ref().is_none_or(|r| r.is_finished()) {
+                    let (prober, pool) = (prober.clone(), pool.clone());
+                    round = Some(tokio::spawn(async move { prober.round(&pool).await }));
+                }
+            }
+            Some(worker) = now.recv() => {
+                let prober = prober.clone();
+                tokio::spawn(async move { prober.probe(&worker).await });
+            }
         }
-    })
+    }
 }

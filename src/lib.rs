@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod fanout;
 pub mod health;
+pub mod listen;
 pub mod metrics;
 pub mod middleware;
 pub mod mock_worker;

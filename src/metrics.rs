@@ -23,6 +23,12 @@ pub struct MiddlewareLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookLabel {
+    pub middleware: String,
+    pub hook: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GuestMetricLabel {
     pub middleware: String,
     pub name: String,
@@ -43,6 +49,7 @@ pub struct Metrics {
     healthy: Family<WorkerLabel, Gauge>,
     latency: Histogram,
     middleware_failures: Family<MiddlewareLabel, Counter>,
+    hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram>,
     guest_counters: Family<GuestMetricLabel, Counter>,
     guest_gauges: Family<GuestMetricLabel, Gauge>,
 }
@@ -63,6 +70,9 @@ impl Metrics {
         // 100 us .. ~27 min: covers a proxied health check and a long generation alike.
         let latency = Histogram::new(exponential_buckets(0.0001, 2.5, 18));
         let middleware_failures = Family::<MiddlewareLabel, Counter>::default();
+        // 1 us .. ~8 s: a no-op call is a few microseconds, a deadline a few milliseconds.
+        let hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 2.0, 24)));
         let guest_counters = Family::<GuestMetricLabel, Counter>::default();
         let guest_gauges = Family::<GuestMetricLabel, Gauge>::default();
         registry.register("requests", "Requests sent to each worker", requests.clone());
@@ -92,6 +102,11 @@ impl Metrics {
             middleware_failures.clone(),
         );
         registry.register(
+            "middleware_hook_duration_seconds",
+            "Time per middleware hook: the guest call plus applying its patch",
+            hook_seconds.clone(),
+        );
+        registry.register(
             "middleware_counter",
             "Counters kept by middleware (host counter-add)",
             guest_counters.clone(),
@@ -109,6 +124,7 @@ impl Metrics {
             healthy,
             latency,
             middleware_failures,
+            hook_seconds,
             guest_counters,
             guest_gauges,
         }
@@ -146,6 +162,15 @@ impl Metrics {
             kind: kind.to_owned(),
         };
         self.middleware_failures.get_or_create(&label).inc();
+    }
+
+    /// The histogram timing one hook of one middleware (fetched once, at load).
+    pub fn hook_timer(&self, middleware: &str, hook: &str) -> Histogram {
+        let label = HookLabel {
+            middleware: middleware.to_owned(),
+            hook: hook.to_owned(),
+        };
+        self.hook_seconds.get_or_create(&label).clone()
     }
 
     pub fn guest_counter_add(&self, middleware: &str, name: &str, value: u64) {

@@ -58,18 +58,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(max_connections: u32, timeout: Option<Duration>, failure_threshold: u32) -> Self {
+    /// A client for one serving thread; `permits` bounds connections across all threads.
+    pub fn new(permits: Arc<Semaphore>, timeout: Option<Duration>, failure_threshold: u32) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let max = max_connections as usize;
         let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(max)
+            .pool_max_idle_per_host(permits.available_permits())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
         Self {
             client,
-            permits: Arc::new(Semaphore::new(max)),
+            permits,
             timeout,
             failure_threshold,
         }

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
@@ -24,6 +25,26 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub pool: Arc<Pool>,
     pub tokenizer: Option<Arc<Tokenizer>>,
+    pub timers: HookTimers,
+}
+
+/// Per-hook latency histograms, looked up once so timing a call costs no label lookup.
+pub struct HookTimers {
+    pub request: Histogram,
+    pub response: Histogram,
+    pub chunk: Histogram,
+    pub handle: Histogram,
+}
+
+impl HookTimers {
+    pub fn new(metrics: &Metrics, middleware: &str) -> Self {
+        Self {
+            request: metrics.hook_timer(middleware, "on-request"),
+            response: metrics.hook_timer(middleware, "on-response"),
+            chunk: metrics.hook_timer(middleware, "on-response-chunk"),
+            handle: metrics.hook_timer(middleware, "handle"),
+        }
+    }
 }
 
 /// The data of one instance's store.

@@ -10,7 +10,7 @@ use anyhow::anyhow;
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::{FailureMode, Handler, Hooks, Manifest, Middleware, MiddlewarePre};
-use super::host::{HostState, Shared};
+use super::host::{HookTimers, HostState, Shared};
 
 /// Idle instances kept per stateless middleware.
 const POOL_IDLE: usize = 16;
@@ -102,6 +102,10 @@ impl Guest {
 
     pub fn name(&self) -> &str {
         &self.factory.shared.name
+    }
+
+    pub fn timers(&self) -> &HookTimers {
+        &self.factory.shared.timers
     }
 
     /// Runs `f` on an instance under the deadline and memory cap.

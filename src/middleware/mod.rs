@@ -12,7 +12,7 @@ mod stream;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
@@ -23,7 +23,7 @@ use http_body_util::BodyExt;
 use self::bindings::{Hooks, Reply, Request, RequestAction, RequestPatch, ResponsePatch};
 use self::edit::{EditError, apply_body, apply_headers};
 use self::engine::Engine;
-use self::host::Shared;
+use self::host::{HookTimers, Shared};
 use self::instance::{Factory, Failure, Guest};
 use crate::body::RouterBody;
 use crate::config::Config;
@@ -128,6 +128,7 @@ impl Pipeline {
                     pre: pre.clone(),
                     config: guest_config.to_owned(),
                     shared: Arc::new(Shared {
+                        timers: HookTimers::new(&metrics, &name),
                         name,
                         metrics: metrics.clone(),
                         pool: pool.clone(),
@@ -193,6 +194,7 @@ impl Pipeline {
             if !guest.wants_any(hooks) || !guest.applies_to(ex.out.path.path()) {
                 continue;
             }
+            let started = Instant::now();
             let request = ex.wit_request(guest.wants(Hooks::REQUEST_BODY));
             let action = guest
                 .call(async |slot| {
@@ -201,18 +203,24 @@ impl Pipeline {
                 })
                 .await;
             let outcome = match action {
-                Ok(RequestAction::Continue(patch)) => apply_request_patch(ex, index, patch),
-                Ok(RequestAction::Respond(reply)) => match reply_response(reply) {
-                    Ok(response) => return Ok(Some(response)),
-                    Err(reason) => Err(Failure {
+                Ok(RequestAction::Continue(patch)) => {
+                    apply_request_patch(ex, index, patch).map(|()| None)
+                }
+                Ok(RequestAction::Respond(reply)) => {
+                    reply_response(reply).map(Some).map_err(|reason| Failure {
                         kind: "invalid-reply",
                         reason,
-                    }),
-                },
+                    })
+                }
                 Err(failure) => Err(failure),
             };
+            guest
+                .timers()
+                .request
+                .observe(started.elapsed().as_secs_f64());
             match outcome {
-                Ok(()) => {}
+                Ok(Some(response)) => return Ok(Some(response)),
+                Ok(None) => {}
                 Err(Failure {
                     kind: "bad-request",
                     reason,
@@ -240,6 +248,7 @@ impl Pipeline {
         ex: Exchange,
     ) -> Result<Response<RouterBody>, RouterError> {
         let guest = &self.guests[owner];
+        let started = Instant::now();
         let request = ex.wit_request(true);
         let result = guest
             .call(async |slot| {
@@ -253,6 +262,10 @@ impl Pipeline {
                     reason,
                 })
             });
+        guest
+            .timers()
+            .handle
+            .observe(started.elapsed().as_secs_f64());
         result.map_err(|failure| {
             self.report(guest, "handle", &failure);
             RouterError::Middleware {
@@ -308,6 +321,7 @@ impl Pipeline {
         for (index, guest) in self.response_guests(&path) {
             let mut stash = ex.take_stash(index);
             if guest.wants_any(Hooks::RESPONSE | Hooks::RESPONSE_BODY) {
+                let started = Instant::now();
                 let with_body = guest.wants(Hooks::RESPONSE_BODY);
                 let response = bindings::Response {
                     worker: worker.clone(),
@@ -329,6 +343,10 @@ impl Pipeline {
                     }
                     apply_response_patch(&mut parts, &mut body, patch, streaming)
                 });
+                guest
+                    .timers()
+                    .response
+                    .observe(started.elapsed().as_secs_f64());
                 if let Err(failure) = applied {
                     self.failed(guest, "on-response", failure)?;
                 }

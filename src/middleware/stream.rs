@@ -119,6 +119,7 @@ impl Stream {
             if events.is_empty() && !last {
                 break;
             }
+            let started = std::time::Instant::now();
             let stash = hook.stash.take();
             let (id, chunk) = (self.request_id, events.clone());
             let result = hook
@@ -130,6 +131,10 @@ impl Stream {
                         .await
                 })
                 .await;
+            hook.guest
+                .timers()
+                .chunk
+                .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(result) => {
                     hook.stash = result.stash.or(stash);

@@ -221,6 +221,13 @@ async fn guest_metrics_and_logs_reach_the_router() -> Result<()> {
         ),
         Some(7.0)
     );
+    let hook =
+        "slime_router_middleware_hook_duration_seconds_count{middleware=\"m\",hook=\"on-request\"}";
+    assert_eq!(
+        metric(&text, hook),
+        Some(3.0),
+        "every on-request call is timed: {text}"
+    );
     Ok(())
 }
 

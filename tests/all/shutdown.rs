@@ -82,3 +82,15 @@ async fn sigterm_drains_and_exits_zero() -> Result<()> {
     assert!(status.success(), "exit status {status}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_second_router_cannot_share_a_busy_port() -> Result<()> {
+    let first = crate::common::router(|_| {}).await?;
+    let port = first.router.addr().port();
+    let second = crate::common::router(|c| c.sglang_router_port = port).await;
+    let error = second
+        .err()
+        .context("a second router bound the same port")?;
+    assert!(format!("{error:#}").contains("cannot listen"), "{error:#}");
+    Ok(())
+}
