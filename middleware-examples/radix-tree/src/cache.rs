@@ -46,9 +46,9 @@ pub trait Host {
     fn token_lengths(&self, ids: &[u32], skip_special: bool) -> Result<Vec<u32>, String>;
     /// Logs at debug level.
     fn debug(&self, message: &str);
-    /// Adds to a counter (`slime_router_mw_<name>_total`).
+    /// Adds to a counter (`slime_router_middleware_counter_total{name=...}`).
     fn counter_add(&self, name: &str, value: u64);
-    /// Sets a gauge (`slime_router_mw_<name>`).
+    /// Sets a gauge (`slime_router_middleware_gauge{name=...}`).
     fn gauge_set(&self, name: &str, value: i64);
 }
 

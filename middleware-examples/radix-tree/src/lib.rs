@@ -23,7 +23,8 @@
 //! Config (`--slime-router-middleware-paths radix_tree.wasm?max_tokens=4000000&keep_versions=3`):
 //! see [`config::parse`].
 //!
-//! Metrics (`slime_router_mw_<name>_total` counters, `slime_router_mw_<name>` gauges):
+//! Metrics (`slime_router_middleware_counter_total{middleware="radix-tree",name=...}` counters,
+//! `slime_router_middleware_gauge{...}` gauges), by name:
 //! `radix_hits`, `radix_misses`, `radix_matched_tokens` (prompt tokens served from the
 //! cache), `radix_inserted_tokens`, `radix_evicted_tokens`, `radix_version_evicted_tokens`,
 //! `radix_responses_cached`, `radix_responses_skipped`; gauges `radix_nodes`, `radix_tokens`,

@@ -1,0 +1,39 @@
+//! Worker selection: least in-flight with random ties, taking and releasing the guard.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use slime_router::metrics::Metrics;
+use slime_router::pool::{Pool, RouteHint, WorkerUrl};
+
+fn pool(workers: u16) -> Pool {
+    let pool = Pool::new(Arc::new(Metrics::new()));
+    for port in 0..workers {
+        if let Ok(url) = WorkerUrl::parse(&format!("http://127.0.0.1:{}", 20000 + port)) {
+            pool.add(url);
+        }
+    }
+    pool
+}
+
+fn selection(c: &mut Criterion) {
+    for workers in [4u16, 64] {
+        let pool = pool(workers);
+        // Some load, so the scan has minima and ties to resolve.
+        let held: Vec<_> = (0..workers / 2)
+            .filter_map(|_| pool.pick(None, &[]))
+            .collect();
+        c.bench_function(&format!("pool_pick_release/{workers}_workers"), |b| {
+            b.iter(|| black_box(pool.pick(None, &[])))
+        });
+        let hint = RouteHint::Prefer(format!("http://127.0.0.1:{}", 20000 + workers - 1));
+        c.bench_function(&format!("pool_pick_prefer/{workers}_workers"), |b| {
+            b.iter(|| black_box(pool.pick(Some(&hint), &[])))
+        });
+        drop(held);
+    }
+}
+
+criterion_group!(benches, selection);
+criterion_main!(benches);
