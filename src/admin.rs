@@ -263,7 +263,9 @@ async fn workers_post_body(
 async fn json_body(
     req: Request<Incoming>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, RouterError> {
-    let bytes = crate::server::read_body(req.into_body(), ADMIN_BODY_LIMIT).await?;
+    let bytes =
+        crate::body::read_request(&http::HeaderMap::new(), req.into_body(), ADMIN_BODY_LIMIT)
+            .await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }

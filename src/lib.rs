@@ -20,6 +20,7 @@ pub mod pool;
 pub mod proxy;
 pub mod server;
 pub mod tokenizer;
+pub mod upstream;
 
 pub use config::Config;
 pub use server::RunningRouter;

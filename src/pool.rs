@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::time::Instant;
 
-use http::uri::{Authority, Scheme};
+use http::HeaderValue;
+use http::uri::Authority;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::{Metrics, WorkerCounters};
@@ -17,6 +18,7 @@ use crate::metrics::{Metrics, WorkerCounters};
 pub struct WorkerUrl {
     canonical: String,
     authority: Authority,
+    host_header: HeaderValue,
 }
 
 impl WorkerUrl {
@@ -43,9 +45,11 @@ impl WorkerUrl {
         let authority: Authority = format!("{host}:{port}")
             .parse()
             .map_err(|_| bad("bad host"))?;
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?;
         Ok(Self {
             canonical: format!("http://{authority}"),
             authority,
+            host_header,
         })
     }
 
@@ -64,6 +68,8 @@ pub enum Transition {
 /// One upstream worker.
 #[derive(Debug)]
 pub struct Worker {
+    /// Unique for the process (a re-added url gets a new one); small, so it can index.
+    id: usize,
     url: WorkerUrl,
     in_flight: AtomicUsize,
     live: AtomicBool,
@@ -78,12 +84,17 @@ impl Worker {
         self.url.as_str()
     }
 
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
     pub fn authority(&self) -> &Authority {
         &self.url.authority
     }
 
-    pub fn scheme(&self) -> Scheme {
-        Scheme::HTTP
+    /// `Host` for requests to this worker, built once.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.url.host_header
     }
 
     pub fn in_flight(&self) -> usize {
@@ -190,7 +201,9 @@ impl Pool {
         if let Some(existing) = workers.iter().find(|w| w.url == url) {
             return (existing.clone(), false);
         }
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
         let worker = Arc::new(Worker {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             counters: self.metrics.worker_counters(url.as_str()),
             latency: self.metrics.latency(),
             url,

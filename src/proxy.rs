@@ -1,6 +1,6 @@
-//! Forwarding to workers: one pooled hyper client bounded by `--slime-router-max-connections`,
-//! request bytes forwarded as received, response bytes streamed back untouched. A worker
-//! that fails before answering counts against itself and the request moves to another.
+//! Forwarding to workers: request bytes forwarded as received, response bytes streamed back
+//! untouched, at most `--slime-router-max-connections` at once across threads. A worker that
+//! fails before answering counts against itself and the request moves to another.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,19 +9,15 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use crate::body::Lease;
 use crate::error::RouterError;
 use crate::pool::{InFlight, Pool, RouteHint, Transition, Worker};
+use crate::upstream::{Conn, Connections};
 
-/// Bounds connecting to a worker that silently drops packets.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts for a request whose worker failed after it was sent (connect failures, where
 /// nothing was sent, may try every live worker).
 const MAX_SENT_ATTEMPTS: usize = 2;
@@ -49,26 +45,20 @@ enum Failure {
     Timeout,
 }
 
+/// One serving thread's way to the workers.
 #[derive(Clone)]
 pub struct Proxy {
-    client: Client<HttpConnector, Full<Bytes>>,
+    connections: Arc<Connections>,
     permits: Arc<Semaphore>,
     timeout: Option<Duration>,
     failure_threshold: u32,
 }
 
 impl Proxy {
-    /// A client for one serving thread; `permits` bounds connections across all threads.
+    /// A proxy for one serving thread; `permits` bounds connections across all threads.
     pub fn new(permits: Arc<Semaphore>, timeout: Option<Duration>, failure_threshold: u32) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(permits.available_permits())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
         Self {
-            client,
+            connections: Arc::default(),
             permits,
             timeout,
             failure_threshold,
@@ -96,10 +86,10 @@ impl Proxy {
         let mut sent_attempts = 0;
         while let Some(slot) = pool.pick(out.hint.as_ref(), &tried) {
             let failure = match self.attempt(out, &slot).await {
-                Ok(response) => {
+                Ok((response, conn)) => {
                     return Ok(Answer {
                         response,
-                        lease: Lease { slot, permit },
+                        lease: Lease::new(slot, permit, conn),
                     });
                 }
                 Err(failure) => failure,
@@ -136,51 +126,74 @@ impl Proxy {
         &self,
         out: &Outbound,
         slot: &InFlight,
-    ) -> Result<Response<Incoming>, Failure> {
+    ) -> Result<(Response<Incoming>, Conn), Failure> {
         let worker = slot.worker();
         worker.counters().requests.inc();
-        let mut request = Request::new(Full::new(out.body.clone()));
-        *request.method_mut() = out.method.clone();
-        *request.uri_mut() = upstream_uri(worker, &out.path);
-        *request.headers_mut() = out.headers.clone();
-        let call = self.client.request(request);
-        let result = match self.timeout {
+        let call = self.exchange(worker, out);
+        let (mut response, conn) = match self.timeout {
             Some(limit) => tokio::time::timeout(limit, call)
                 .await
-                .map_err(|_| Failure::Timeout)?,
-            None => call.await,
+                .map_err(|_| Failure::Timeout)??,
+            None => call.await?,
         };
-        let mut response = result.map_err(|e| {
-            let reason = error_chain(&e);
-            if e.is_connect() {
-                Failure::Connect(reason)
-            } else {
-                Failure::Unanswered(reason)
-            }
-        })?;
         strip_hop_by_hop(response.headers_mut());
-        Ok(response)
+        Ok((response, conn))
     }
 
-    /// Sends `out` to one specific worker, outside the in-flight accounting (fan-out).
+    /// One request on one worker. A reused connection may have been closed by the worker
+    /// meanwhile; the request then goes once more on a fresh connection.
+    async fn exchange(
+        &self,
+        worker: &Worker,
+        out: &Outbound,
+    ) -> Result<(Response<Incoming>, Conn), Failure> {
+        let mut conn = self
+            .connections
+            .get(worker)
+            .await
+            .map_err(Failure::Connect)?;
+        let mut request = outbound_request(worker, out);
+        if conn.reused {
+            match conn.sender.try_send_request(request).await {
+                Ok(response) => return Ok((response, conn)),
+                Err(mut error) => {
+                    tracing::debug!(worker = worker.url(), error = %error.error(), "stale connection");
+                    request = match error.take_message() {
+                        Some(unsent) => unsent,
+                        None => outbound_request(worker, out),
+                    };
+                    conn = self
+                        .connections
+                        .connect(worker)
+                        .await
+                        .map_err(Failure::Connect)?;
+                }
+            }
+        }
+        match conn.sender.send_request(request).await {
+            Ok(response) => Ok((response, conn)),
+            Err(e) => Err(Failure::Unanswered(error_chain(&e))),
+        }
+    }
+
+    /// Sends `out` to one specific worker and reads the whole answer, outside the in-flight
+    /// accounting (fan-out).
     pub async fn send_to(&self, worker: &Worker, out: &Outbound) -> Result<(u16, Bytes), String> {
-        use http_body_util::BodyExt;
-        let mut request = Request::new(Full::new(out.body.clone()));
-        *request.method_mut() = out.method.clone();
-        *request.uri_mut() = upstream_uri(worker, &out.path);
-        *request.headers_mut() = out.headers.clone();
         let call = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| error_chain(&e))?;
+            let (response, conn) =
+                self.exchange(worker, out)
+                    .await
+                    .map_err(|failure| match failure {
+                        Failure::Connect(reason) | Failure::Unanswered(reason) => reason,
+                        Failure::Timeout => "timed out".to_owned(),
+                    })?;
             let status = response.status().as_u16();
             let body = response
                 .into_body()
                 .collect()
                 .await
                 .map_err(|e| error_chain(&e))?;
+            conn.release();
             Ok((status, body.to_bytes()))
         };
         match self.timeout {
@@ -192,18 +205,25 @@ impl Proxy {
     }
 }
 
-fn upstream_uri(worker: &Worker, path: &PathAndQuery) -> Uri {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(worker.scheme());
-    parts.authority = Some(worker.authority().clone());
-    parts.path_and_query = Some(path.clone());
-    // Scheme, authority and path were each validated when parsed, so joining them is valid.
-    Uri::from_parts(parts).unwrap_or_default()
+fn outbound_request(worker: &Worker, out: &Outbound) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(out.body.clone()));
+    *request.method_mut() = out.method.clone();
+    // HTTP/1.1 origin form ("/path?query"), with the worker as Host, like a direct call.
+    *request.uri_mut() = Uri::from(out.path.clone());
+    *request.headers_mut() = out.headers.clone();
+    request
+        .headers_mut()
+        .insert(header::HOST, worker.host_header().clone());
+    request
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection, not the message, so a
-/// proxy must not forward them; `Connection` may name more.
+/// proxy must not forward them; `Connection` may name more. Checked in one pass first,
+/// since nearly every message carries none.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -214,20 +234,30 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::EXPECT,
-    ] {
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
+    for name in hop {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "expect"
+    )
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -9,9 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bytes::Bytes;
-use http::{Request, Response, header};
-use http_body_util::{BodyExt, Limited};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -302,7 +300,7 @@ async fn proxied(
 ) -> Result<Response<RouterBody>, RouterError> {
     let (app, proxy) = (&*local.app, &local.proxy);
     let (parts, body) = req.into_parts();
-    let body = read_body_checked(&parts.headers, body, app.body_limit).await?;
+    let body = crate::body::read_request(&parts.headers, body, app.body_limit).await?;
     let id = app.next_id.fetch_add(1, Ordering::Relaxed);
     let mut exchange = Exchange::new(id, parts, body);
     if let Some(reply) = app.pipeline.on_request(&mut exchange).await? {
@@ -331,32 +329,4 @@ pub fn passthrough(answer: Answer, idle_timeout: Option<Duration>) -> Response<R
         parts,
         RouterBody::upstream(incoming, answer.lease, idle_timeout),
     )
-}
-
-async fn read_body_checked(
-    headers: &http::HeaderMap,
-    body: Incoming,
-    limit: usize,
-) -> Result<Bytes, RouterError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Err(RouterError::BodyTooLarge { limit });
-    }
-    read_body(body, limit).await
-}
-
-/// Reads a whole request body, refusing more than `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, RouterError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(RouterError::BodyTooLarge { limit })
-        }
-        Err(e) => Err(RouterError::BadRequest(format!(
-            "could not read the request body: {e}"
-        ))),
-    }
 }

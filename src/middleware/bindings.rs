@@ -6,6 +6,9 @@ mod generated {
         path: "wit",
         world: "middleware",
         exports: { default: async },
+        // Arguments going into a guest borrow the host's data (headers, bodies) instead of
+        // copying them into owned values first; the guest copy is the only one.
+        ownership: Borrowing { duplicate_if_necessary: true },
     });
 }
 

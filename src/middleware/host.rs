@@ -76,12 +76,7 @@ impl HostState {
                 memory_cap,
                 memory_hit: false,
             },
-            budget: CpuBudget {
-                limit: deadline,
-                start: Duration::ZERO,
-                host: Duration::ZERO,
-                exceeded: false,
-            },
+            budget: CpuBudget::new(deadline),
             shared,
         }
     }
@@ -128,34 +123,53 @@ impl wasmtime::ResourceLimiter for Limits {
 
 /// Guest CPU time of the current call. Thread CPU time rather than wall time, so a loaded
 /// machine does not fail calls that are merely descheduled; host calls (tokenising a long
-/// prompt) are subtracted, since the guest does not control them.
+/// prompt) are subtracted, since the guest does not control them. Reading the thread's CPU
+/// clock is a system call, so a call that ends before the first epoch tick (nearly all of
+/// them) never reads it.
 pub struct CpuBudget {
     limit: Duration,
-    start: Duration,
+    started: Instant,
+    cpu_start: Option<Duration>,
     host: Duration,
     pub exceeded: bool,
 }
 
 impl CpuBudget {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            started: Instant::now(),
+            cpu_start: None,
+            host: Duration::ZERO,
+            exceeded: false,
+        }
+    }
+
     pub fn begin(&mut self) {
-        self.start = thread_cpu_time();
+        self.started = Instant::now();
+        self.cpu_start = None;
         self.host = Duration::ZERO;
         self.exceeded = false;
     }
 
     /// Called on every epoch tick while the guest runs: false once the budget is spent.
     pub fn within(&mut self) -> bool {
-        let used = thread_cpu_time()
-            .saturating_sub(self.start)
-            .saturating_sub(self.host);
+        let now = thread_cpu_time();
+        // At the first tick, count all wall time since the call began as CPU time: at most
+        // one tick's worth, and never less than the truth.
+        let since = self.started.elapsed();
+        let start = *self
+            .cpu_start
+            .get_or_insert_with(|| now.saturating_sub(since));
+        let used = now.saturating_sub(start).saturating_sub(self.host);
         self.exceeded = used > self.limit;
         !self.exceeded
     }
 
     fn host_call<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let before = thread_cpu_time();
+        let before = Instant::now();
         let result = f();
-        self.host += thread_cpu_time().saturating_sub(before);
+        self.host += before.elapsed();
         result
     }
 }

@@ -62,10 +62,6 @@ impl Exchange {
         }
     }
 
-    fn take_stash(&mut self, index: usize) -> Option<Vec<u8>> {
-        self.stashes.get_mut(index).and_then(Option::take)
-    }
-
     fn set_stash(&mut self, index: usize, stash: Vec<u8>) {
         if self.stashes.len() <= index {
             self.stashes.resize_with(index + 1, || None);
@@ -73,13 +69,18 @@ impl Exchange {
         self.stashes[index] = Some(stash);
     }
 
-    fn wit_request(&self, with_body: bool) -> Request {
+    /// The request as a guest sees it, borrowing `headers` (from [`wit_headers`]).
+    fn wit_request<'a>(
+        &'a self,
+        headers: &'a [(&'a str, &'a [u8])],
+        with_body: bool,
+    ) -> Request<'a> {
         Request {
             id: self.id,
-            method: self.out.method.as_str().to_owned(),
-            path: self.out.path.as_str().to_owned(),
-            headers: wit_headers(&self.out.headers),
-            body: with_body.then(|| self.out.body.to_vec()),
+            method: self.out.method.as_str(),
+            path: self.out.path.as_str(),
+            headers,
+            body: with_body.then_some(&self.out.body[..]),
         }
     }
 }
@@ -195,11 +196,12 @@ impl Pipeline {
                 continue;
             }
             let started = Instant::now();
-            let request = ex.wit_request(guest.wants(Hooks::REQUEST_BODY));
+            let headers = wit_headers(&ex.out.headers);
+            let request = ex.wit_request(&headers, guest.wants(Hooks::REQUEST_BODY));
             let action = guest
                 .call(async |slot| {
                     let (handler, store) = slot.parts();
-                    handler.call_on_request(store, &request).await
+                    handler.call_on_request(store, request).await
                 })
                 .await;
             let outcome = match action {
@@ -249,11 +251,12 @@ impl Pipeline {
     ) -> Result<Response<RouterBody>, RouterError> {
         let guest = &self.guests[owner];
         let started = Instant::now();
-        let request = ex.wit_request(true);
+        let headers = wit_headers(&ex.out.headers);
+        let request = ex.wit_request(&headers, true);
         let result = guest
             .call(async |slot| {
                 let (handler, store) = slot.parts();
-                handler.call_handle(store, &request).await
+                handler.call_handle(store, request).await
             })
             .await
             .and_then(|reply| {
@@ -313,27 +316,32 @@ impl Pipeline {
                     .to_bytes(),
                 None => Bytes::new(),
             };
-            lease = None;
+            if let Some(lease) = lease.take() {
+                lease.complete();
+            }
             body = Some(bytes);
         }
-        let head = ex.wit_request(false);
+        let mut stashes = std::mem::take(&mut ex.stashes);
+        let request_headers = wit_headers(&ex.out.headers);
+        let head = ex.wit_request(&request_headers, false);
         let mut chunk_hooks = Vec::new();
         for (index, guest) in self.response_guests(&path) {
-            let mut stash = ex.take_stash(index);
+            let mut stash = stashes.get_mut(index).and_then(Option::take);
             if guest.wants_any(Hooks::RESPONSE | Hooks::RESPONSE_BODY) {
                 let started = Instant::now();
                 let with_body = guest.wants(Hooks::RESPONSE_BODY);
+                let response_headers = wit_headers(&parts.headers);
                 let response = bindings::Response {
-                    worker: worker.clone(),
+                    worker: &worker,
                     status: parts.status.as_u16(),
-                    headers: wit_headers(&parts.headers),
-                    body: body.as_ref().filter(|_| with_body).map(|b| b.to_vec()),
+                    headers: &response_headers,
+                    body: body.as_deref().filter(|_| with_body),
                 };
                 let patch = guest
                     .call(async |slot| {
                         let (handler, store) = slot.parts();
                         handler
-                            .call_on_response(store, &head, &response, stash.as_deref())
+                            .call_on_response(store, head.clone(), response, stash.as_deref())
                             .await
                     })
                     .await;
@@ -476,10 +484,10 @@ fn reply_response(reply: Reply) -> Result<Response<RouterBody>, String> {
     Ok(response)
 }
 
-fn wit_headers(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+fn wit_headers(headers: &HeaderMap) -> Vec<(&str, &[u8])> {
     headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), v.as_bytes().to_vec()))
+        .map(|(k, v)| (k.as_str(), v.as_bytes()))
         .collect()
 }
 

@@ -69,8 +69,9 @@ pub fn spawn(
         tx,
     };
     tokio::spawn(async move {
-        let _lease = lease;
-        stream.pump(incoming, idle).await;
+        if stream.pump(incoming, idle).await {
+            lease.complete();
+        }
     });
     RouterBody::Channel(rx)
 }
@@ -83,12 +84,13 @@ struct Stream {
 }
 
 impl Stream {
-    async fn pump(&mut self, mut incoming: Incoming, idle: Option<Duration>) {
+    /// Forwards until the worker's body ends (true: read to the end) or the stream breaks.
+    async fn pump(&mut self, mut incoming: Incoming, idle: Option<Duration>) -> bool {
         let mut framer = EventFramer::default();
         loop {
             let next = tokio::select! {
                 biased;
-                _ = self.tx.closed() => return,
+                _ = self.tx.closed() => return false,
                 next = next_data(&mut incoming, idle) => next,
             };
             match next {
@@ -96,17 +98,17 @@ impl Stream {
                     if let Some(events) = framer.push(&data)
                         && !self.forward(events, false).await
                     {
-                        return;
+                        return false;
                     }
                 }
                 Ok(None) => {
                     let rest = framer.finish();
                     self.forward(rest, true).await;
-                    return;
+                    return true;
                 }
                 Err(error) => {
                     let _ = self.tx.send(Err(error)).await;
-                    return;
+                    return false;
                 }
             }
         }

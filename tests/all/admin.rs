@@ -203,3 +203,33 @@ async fn oversized_body_is_413_and_the_router_keeps_serving() -> Result<()> {
     assert_eq!(status, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn oversized_chunked_body_is_413_too() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = mock().await?;
+    let url = a.url();
+    let r = router(|c| {
+        c.max_request_body_mib = 1;
+        c.worker_urls = vec![url.clone()];
+    })
+    .await?;
+    let mut stream = tokio::net::TcpStream::connect(r.router.addr()).await?;
+    let head = "POST /generate HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes()).await?;
+    let chunk = vec![b'x'; 64 << 10];
+    for _ in 0..24 {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await?;
+        stream.write_all(&chunk).await?;
+        stream.write_all(b"\r\n").await?;
+    }
+    stream.write_all(b"0\r\n\r\n").await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"error\""), "{answer}");
+    assert_eq!(a.requests(), 0);
+    Ok(())
+}
