@@ -84,10 +84,10 @@ pub struct UpstreamBody {
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
-        if let Some(lease) = self.lease.take() {
-            if self.inner.is_end_stream() {
-                lease.complete();
-            }
+        if let Some(lease) = self.lease.take()
+            && self.inner.is_end_stream()
+        {
+            lease.complete();
         }
     }
 }
