@@ -1,0 +1,23 @@
+-- wrk script: POST one fixed SGLang /generate body and print a machine-readable summary.
+--
+-- BENCH_BODY (env) overrides the body; the default is a ~100-byte input_ids request.
+-- The summary line starts with BENCH_RESULT and holds JSON; latencies are in microseconds.
+-- No per-response callback is defined, so wrk stays on its fast path.
+
+local default_body =
+  '{"input_ids":[1,2,3,4,5,6,7,8],"sampling_params":{"max_new_tokens":16,"temperature":0},"stream":false}'
+
+wrk.method = "POST"
+wrk.body = os.getenv("BENCH_BODY") or default_body
+wrk.headers["Content-Type"] = "application/json"
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_RESULT {"requests":%d,"duration_us":%d,"bytes":%d,' ..
+    '"mean_us":%.1f,"p50_us":%.1f,"p90_us":%.1f,"p99_us":%.1f,"max_us":%.1f,' ..
+    '"connect_errors":%d,"read_errors":%d,"write_errors":%d,"timeouts":%d,"non2xx":%d}\n',
+    summary.requests, summary.duration, summary.bytes,
+    latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.timeout, e.status))
+end
