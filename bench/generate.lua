@@ -1,6 +1,7 @@
 -- wrk script: POST one fixed SGLang /generate body and print a machine-readable summary.
 --
--- BENCH_BODY (env) overrides the body; the default is a ~100-byte input_ids request.
+-- BENCH_BODY (env) or BENCH_BODY_FILE overrides the body; the default is a ~100-byte input_ids
+-- request.
 -- The summary line starts with BENCH_RESULT and holds JSON; latencies are in microseconds.
 -- No per-response callback is defined, so wrk stays on its fast path.
 
@@ -8,7 +9,17 @@ local default_body =
   '{"input_ids":[1,2,3,4,5,6,7,8],"sampling_params":{"max_new_tokens":16,"temperature":0},"stream":false}'
 
 wrk.method = "POST"
-wrk.body = os.getenv("BENCH_BODY") or default_body
+-- BENCH_BODY_FILE names a file holding the body, for bodies too big for the environment.
+local function file_body()
+  local path = os.getenv("BENCH_BODY_FILE")
+  if not path then return nil end
+  local f = assert(io.open(path, "rb"))
+  local body = f:read("*a")
+  f:close()
+  return body
+end
+
+wrk.body = os.getenv("BENCH_BODY") or file_body() or default_body
 wrk.headers["Content-Type"] = "application/json"
 
 function done(summary, latency, requests)

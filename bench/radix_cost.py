@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
 """Per-request cost of the radix-tree middleware on /generate with text, at a given cached
-trajectory length, read from the router's own hook timers (guest call + applying its patch).
+trajectory length, read from the router's own timers: the on-request and on-response hooks
+(guest call + applying its patch) minus the time spent tokenising (the uncached tail, which the
+worker would otherwise tokenise itself).
 
-Turn 1 caches a long prompt + output; then many turn-2 requests reuse that whole prefix and
-add a short new tail, which is what multi-turn rollouts do. Tokenising the tail is included but
-tiny; tokenising turn 1 (the worker would do it anyway) is excluded by resetting the baseline
-after it.
+Turn 1 caches a long prompt and its output; then one turn-2 body (that whole conversation plus
+a short new user message, as multi-turn rollouts send) is replayed by wrk on one connection,
+so the calls never queue behind each other.
 
-usage: bench/radix_cost.py ROUTER_URL TOKENS [REQUESTS]
+usage: bench/radix_cost.py ROUTER_URL TOKENS [SECONDS]
+(ROUTER_URL: a slime-router with radix_tree.wasm and --hf-checkpoint in front of a worker)
 """
 import json
+import os
 import re
+import subprocess
 import sys
-import time
+import tempfile
 import urllib.request
 
 WORDS = ("the quick brown fox jumps over the lazy dog and keeps running far away from "
          "the dog while we compute the sum step by step ").split()
+HOOKS = ("on-request", "on-response")
 
 
 def post(url, body):
@@ -25,43 +30,48 @@ def post(url, body):
         return json.loads(resp.read())
 
 
-def hook_totals(base):
+def timers(base):
     text = urllib.request.urlopen(base + "/metrics").read().decode()
+
+    def value(name):
+        match = re.search(re.escape(name) + r" (\S+)", text)
+        return float(match.group(1)) if match else 0.0
+
     out = {}
-    for hook in ("on-request", "on-response"):
-        labels = f'middleware="radix-tree",hook="{hook}"'
-        s = re.search(r"slime_router_middleware_hook_duration_seconds_sum\{" + re.escape(labels) + r"\} (\S+)", text)
-        c = re.search(r"slime_router_middleware_hook_duration_seconds_count\{" + re.escape(labels) + r"\} (\S+)", text)
-        out[hook] = (float(s.group(1)) if s else 0.0, float(c.group(1)) if c else 0.0)
+    for hook in HOOKS:
+        labels = f'{{middleware="radix-tree",hook="{hook}"}}'
+        out[hook] = (value("slime_router_middleware_hook_duration_seconds_sum" + labels),
+                     value("slime_router_middleware_hook_duration_seconds_count" + labels))
+    out["tokenizer"] = value('slime_router_tokenizer_seconds_total{middleware="radix-tree"}')
     return out
 
 
 def main():
     base, tokens = sys.argv[1].rstrip("/"), int(sys.argv[2])
-    requests = int(sys.argv[3]) if len(sys.argv) > 3 else 200
-    words, prompt = 0, []
-    # The fixture tokenizer averages roughly one token per word plus its space here.
-    while words < tokens:
-        prompt.append(WORDS[words % len(WORDS)])
-        words += 1
-    prompt = "<|im_start|>user\n" + " ".join(prompt) + "<|im_end|>\n<|im_start|>assistant\n"
+    seconds = sys.argv[3] if len(sys.argv) > 3 else "5"
+    words = " ".join(WORDS[i % len(WORDS)] for i in range(tokens))
+    prompt = f"<|im_start|>user\n{tokens} {words}<|im_end|>\n<|im_start|>assistant\n"
     first = post(base + "/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 16}, "return_logprob": True})
     history = prompt + first["text"]
     cached = post(base + "/retrieve_from_text", {"text": history})["token_length"]
-    before = hook_totals(base)
-    started = time.perf_counter()
-    for i in range(requests):
-        tail = f"<|im_end|>\n<|im_start|>user\nstep {i}<|im_end|>\n<|im_start|>assistant\n"
-        post(base + "/generate", {"text": history + tail, "sampling_params": {"max_new_tokens": 4}, "return_logprob": True})
-    elapsed = time.perf_counter() - started
-    after = hook_totals(base)
-    print(f"cached prefix: {cached} tokens; {requests} turn-2 requests in {elapsed:.2f}s")
-    for hook in ("on-request", "on-response"):
-        total = after[hook][0] - before[hook][0]
-        count = after[hook][1] - before[hook][1]
-        print(f"  {hook:12s} mean {1e6 * total / max(count, 1):8.1f} us over {int(count)} calls")
-    both = sum(after[h][0] - before[h][0] for h in after) / max(after["on-request"][1] - before["on-request"][1], 1)
-    print(f"  per request  {1e6 * both:8.1f} us (request + response hooks)")
+    turn = history + "<|im_end|>\n<|im_start|>user\nand then?<|im_end|>\n<|im_start|>assistant\n"
+    body = {"text": turn, "sampling_params": {"max_new_tokens": 16}, "return_logprob": True}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(body, f)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate.lua")
+    before = timers(base)
+    env = dict(os.environ, BENCH_BODY_FILE=f.name)
+    subprocess.run(["wrk", "-t1", "-c1", f"-d{seconds}s", "-s", script, base + "/generate"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    after = timers(base)
+    os.unlink(f.name)
+    calls = after["on-request"][1] - before["on-request"][1]
+    hooks = {h: 1e6 * (after[h][0] - before[h][0]) / max(calls, 1) for h in HOOKS}
+    tokenizer = 1e6 * (after["tokenizer"] - before["tokenizer"]) / max(calls, 1)
+    total = sum(hooks.values())
+    print(f"cached prefix {cached} tokens, {int(calls)} requests: "
+          f"on-request {hooks['on-request']:.1f} us + on-response {hooks['on-response']:.1f} us "
+          f"= {total:.1f} us, of which tokenizer {tokenizer:.1f} us -> middleware cost {total - tokenizer:.1f} us")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 //! Prometheus metrics, all under the `slime_router_` prefix. Hot-path handles (per-worker
 //! counters, the latency histogram) are cloned once and then cost one atomic op per use.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +22,11 @@ pub struct WorkerLabel {
 pub struct MiddlewareLabel {
     pub middleware: String,
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MiddlewareName {
+    pub middleware: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +57,7 @@ pub struct Metrics {
     latency: Histogram,
     middleware_failures: Family<MiddlewareLabel, Counter>,
     hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram>,
+    tokenizer_seconds: Family<MiddlewareName, Counter<f64, AtomicU64>>,
     guest_counters: Family<GuestMetricLabel, Counter>,
     guest_gauges: Family<GuestMetricLabel, Gauge>,
 }
@@ -71,6 +79,7 @@ impl Metrics {
         let latency = Histogram::new(exponential_buckets(0.0001, 2.5, 18));
         let middleware_failures = Family::<MiddlewareLabel, Counter>::default();
         // 1 us .. ~8 s: a no-op call is a few microseconds, a deadline a few milliseconds.
+        let tokenizer_seconds = Family::<MiddlewareName, Counter<f64, AtomicU64>>::default();
         let hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 2.0, 24)));
         let guest_counters = Family::<GuestMetricLabel, Counter>::default();
@@ -107,6 +116,11 @@ impl Metrics {
             hook_seconds.clone(),
         );
         registry.register(
+            "tokenizer_seconds",
+            "Time spent in tokenizer calls made by each middleware (part of its hook time)",
+            tokenizer_seconds.clone(),
+        );
+        registry.register(
             "middleware_counter",
             "Counters kept by middleware (host counter-add)",
             guest_counters.clone(),
@@ -125,6 +139,7 @@ impl Metrics {
             latency,
             middleware_failures,
             hook_seconds,
+            tokenizer_seconds,
             guest_counters,
             guest_gauges,
         }
@@ -173,20 +188,30 @@ impl Metrics {
         self.hook_seconds.get_or_create(&label).clone()
     }
 
-    pub fn guest_counter_add(&self, middleware: &str, name: &str, value: u64) {
-        let label = GuestMetricLabel {
+    /// Seconds a middleware spent in tokenizer calls (fetched once, at load).
+    pub fn tokenizer_timer(&self, middleware: &str) -> Counter<f64, AtomicU64> {
+        let label = MiddlewareName {
             middleware: middleware.to_owned(),
-            name: name.to_owned(),
         };
-        self.guest_counters.get_or_create(&label).inc_by(value);
+        self.tokenizer_seconds.get_or_create(&label).clone()
     }
 
-    pub fn guest_gauge_set(&self, middleware: &str, name: &str, value: i64) {
+    /// A middleware's own counter (host `counter-add`), fetched once per instance and name.
+    pub fn guest_counter(&self, middleware: &str, name: &str) -> Counter {
         let label = GuestMetricLabel {
             middleware: middleware.to_owned(),
             name: name.to_owned(),
         };
-        self.guest_gauges.get_or_create(&label).set(value);
+        self.guest_counters.get_or_create(&label).clone()
+    }
+
+    /// A middleware's own gauge (host `gauge-set`), fetched once per instance and name.
+    pub fn guest_gauge(&self, middleware: &str, name: &str) -> Gauge {
+        let label = GuestMetricLabel {
+            middleware: middleware.to_owned(),
+            name: name.to_owned(),
+        };
+        self.guest_gauges.get_or_create(&label).clone()
     }
 
     /// The text exposition, with worker gauges sampled from the pool now.

@@ -2,12 +2,16 @@
 //! metrics, a read-only view of the workers and the tokenizer. WASI is linked because Rust
 //! std imports it, but grants nothing: no files, sockets, env or args; stdio goes to the log.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -34,6 +38,7 @@ pub struct HookTimers {
     pub response: Histogram,
     pub chunk: Histogram,
     pub handle: Histogram,
+    pub tokenizer: Counter<f64, AtomicU64>,
 }
 
 impl HookTimers {
@@ -43,6 +48,7 @@ impl HookTimers {
             response: metrics.hook_timer(middleware, "on-response"),
             chunk: metrics.hook_timer(middleware, "on-response-chunk"),
             handle: metrics.hook_timer(middleware, "handle"),
+            tokenizer: metrics.tokenizer_timer(middleware),
         }
     }
 }
@@ -54,6 +60,9 @@ pub struct HostState {
     pub shared: Arc<Shared>,
     pub limits: Limits,
     pub budget: CpuBudget,
+    /// Metric handles by name, so a hot `counter-add` costs no label lookup.
+    counters: HashMap<String, Counter>,
+    gauges: HashMap<String, Gauge>,
 }
 
 impl HostState {
@@ -77,6 +86,8 @@ impl HostState {
                 memory_hit: false,
             },
             budget: CpuBudget::new(deadline),
+            counters: HashMap::new(),
+            gauges: HashMap::new(),
             shared,
         }
     }
@@ -166,11 +177,13 @@ impl CpuBudget {
         !self.exceeded
     }
 
-    fn host_call<R>(&mut self, f: impl FnOnce() -> R) -> R {
+    /// Runs a host call outside the guest's budget; returns its result and duration.
+    fn host_call<R>(&mut self, f: impl FnOnce() -> R) -> (R, Duration) {
         let before = Instant::now();
         let result = f();
-        self.host += before.elapsed();
-        result
+        let took = before.elapsed();
+        self.host += took;
+        (result, took)
     }
 }
 
@@ -208,18 +221,22 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, value: u64) {
-        if valid_metric_name(&self.shared.name, &name) {
-            self.shared
-                .metrics
-                .guest_counter_add(&self.shared.name, &name, value);
+        if let Some(counter) = self.counters.get(&name) {
+            counter.inc_by(value);
+        } else if valid_metric_name(&self.shared.name, &name) {
+            let counter = self.shared.metrics.guest_counter(&self.shared.name, &name);
+            counter.inc_by(value);
+            self.counters.insert(name, counter);
         }
     }
 
     fn gauge_set(&mut self, name: String, value: i64) {
-        if valid_metric_name(&self.shared.name, &name) {
-            self.shared
-                .metrics
-                .guest_gauge_set(&self.shared.name, &name, value);
+        if let Some(gauge) = self.gauges.get(&name) {
+            gauge.set(value);
+        } else if valid_metric_name(&self.shared.name, &name) {
+            let gauge = self.shared.metrics.guest_gauge(&self.shared.name, &name);
+            gauge.set(value);
+            self.gauges.insert(name, gauge);
         }
     }
 }
@@ -267,7 +284,9 @@ impl HostState {
             .tokenizer
             .clone()
             .ok_or_else(|| NO_TOKENIZER.to_owned())?;
-        self.budget.host_call(|| f(&tokenizer))
+        let (result, took) = self.budget.host_call(|| f(&tokenizer));
+        self.shared.timers.tokenizer.inc_by(took.as_secs_f64());
+        result
     }
 }
 
