@@ -31,7 +31,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::sglang::{GenerateOutput, GenerateRequest, Text, last_data_event};
+use crate::scan::bytes_eq;
+use crate::sglang::{self, GenerateOutput, GenerateRequest, Text, last_data_event};
 use crate::tree::{
     Config, DEFAULT_VERSION, Location, NodeRef, Pieces, RadixTree, Stats, pieces_from_lengths,
 };
@@ -137,7 +138,12 @@ pub struct Cache {
     published: Option<(Stats, Responses, usize)>,
     /// Token id -> its text if it decodes to nothing with special tokens skipped.
     specials: BTreeMap<u32, Option<String>>,
+    /// Where a request's `text` is unescaped when it has escapes, kept between requests.
+    scratch: Vec<u8>,
 }
+
+/// Largest `scratch` kept between requests (a ~200k-token prompt); a larger one is freed.
+const SCRATCH_KEEP: usize = 1 << 20;
 
 impl Cache {
     /// An empty cache.
@@ -155,6 +161,7 @@ impl Cache {
             responses: Responses::default(),
             published: None,
             specials: BTreeMap::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -166,31 +173,50 @@ impl Cache {
     /// `on-request` for `/generate`: rewrites `text` to cached-prefix ids + tail ids, or
     /// records `input_ids`. Anything else (batches, no tokenizer, bad JSON) passes through:
     /// SGLang tokenises it as before, only uncached.
+    ///
+    /// The body is read by [`sglang::request_text`], or by serde_json when that declines. The
+    /// fast reader does not check that the text is UTF-8, and neither does this up front: a
+    /// prompt is mostly cached text, so only the rest is checked, by
+    /// [`RadixTree::lookup_segment_utf8`]. A body whose text is not UTF-8 passes through
+    /// untouched, as when serde_json refuses it.
     pub fn on_request(&mut self, body: &[u8], host: &impl Host) -> RequestOutcome {
-        let request = match serde_json::from_slice::<GenerateRequest<'_>>(body) {
-            Ok(request) => request,
-            Err(_) => {
-                host.debug("radix-tree: not a single-prompt /generate body; passed through");
-                return RequestOutcome::Pass;
-            }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let outcome = match sglang::request_text(body, &mut scratch) {
+            Some(text) => self.rewrite(text, host),
+            None => self.parsed_request(body, host),
         };
-        let outcome = match (request.text, request.input_ids) {
-            (Some(Text(text)), None) if !text.is_empty() => self.rewrite(&text, host),
-            (None, Some(ids)) if !ids.is_empty() => self.record(&ids, host),
-            _ => RequestOutcome::Pass,
+        if scratch.capacity() <= SCRATCH_KEEP {
+            self.scratch = scratch;
+        }
+        let Some(outcome) = outcome else {
+            host.debug("radix-tree: not a single-prompt /generate body; passed through");
+            return RequestOutcome::Pass;
         };
         self.publish(host);
         outcome
     }
 
-    fn rewrite(&mut self, text: &str, host: &impl Host) -> RequestOutcome {
+    /// [`Cache::on_request`] through serde_json; `None` for a body it refuses.
+    fn parsed_request(&mut self, body: &[u8], host: &impl Host) -> Option<RequestOutcome> {
+        let request = serde_json::from_slice::<GenerateRequest<'_>>(body).ok()?;
+        match (request.text, request.input_ids) {
+            (Some(Text(text)), None) => self.rewrite(text.as_bytes(), host),
+            (None, Some(ids)) if !ids.is_empty() => Some(self.record(&ids, host)),
+            _ => Some(RequestOutcome::Pass),
+        }
+    }
+
+    /// The rewrite of a request's `text`; `None`, changing nothing, if it is not UTF-8.
+    fn rewrite(&mut self, text: &[u8], host: &impl Host) -> Option<RequestOutcome> {
+        if text.is_empty() {
+            return Some(RequestOutcome::Pass);
+        }
         // Not the longest cached prefix but the longest ending at a segment end, so that the
         // text is only cut where it was cut before (see the module docs).
-        let found = self.tree.lookup_segment(text);
-        let tail = &text[found.len..];
+        let (found, tail) = self.tree.lookup_segment_utf8(text)?;
         let mut input_ids = Vec::with_capacity(found.tokens + tail.len() / 3 + 1);
         if !self.tree.extend_ids(&found.at, &mut input_ids) {
-            return RequestOutcome::Pass;
+            return Some(RequestOutcome::Pass);
         }
         let node = if tail.is_empty() {
             self.tree.insert(&found.at, &Pieces::EMPTY, None)
@@ -201,7 +227,7 @@ impl Cache {
                 Ok(ids) => ids,
                 Err(e) => {
                     host.debug(&format!("radix-tree: cannot tokenise; passed through: {e}"));
-                    return RequestOutcome::Pass;
+                    return Some(RequestOutcome::Pass);
                 }
             };
             // Without lengths the tail is cached as one piece: correct, only not splittable.
@@ -213,19 +239,19 @@ impl Cache {
             }
             let Some(pieces) = Pieces::new(tail, &tail_ids, &ends) else {
                 host.debug("radix-tree: tail tokenised to nothing; passed through");
-                return RequestOutcome::Pass;
+                return Some(RequestOutcome::Pass);
             };
             input_ids.extend_from_slice(&tail_ids);
             // The prompt carries the newest version seen: it is what the worker runs now.
             self.tree.insert(&found.at, &pieces, None)
         };
-        match node {
+        Some(match node {
             Some(node) => RequestOutcome::Rewrite {
                 input_ids,
                 stash: stash_of(self.id, node),
             },
             None => RequestOutcome::Pass,
-        }
+        })
     }
 
     /// Bytes at the start of `tail` that the prefix's last token already stands for.
@@ -239,7 +265,7 @@ impl Cache {
     /// last token whenever the match stops at that output's end.
     fn covered_by_last_token(
         &mut self,
-        matched: &str,
+        matched: &[u8],
         prefix_ids: &[u32],
         tail: &str,
         host: &impl Host,
@@ -265,7 +291,11 @@ impl Cache {
             }
         };
         match special {
-            Some(s) if tail.len() > s.len() && tail.starts_with(&*s) && !matched.ends_with(&*s) => {
+            Some(s)
+                if tail.len() > s.len()
+                    && tail.starts_with(&*s)
+                    && !matched.ends_with(s.as_bytes()) =>
+            {
                 s.len()
             }
             _ => 0,
@@ -347,8 +377,14 @@ impl Cache {
     fn record_outputs(&mut self, node: NodeRef, json: &[u8], streamed: bool, host: &impl Host) {
         let first = json.iter().find(|b| !b.is_ascii_whitespace());
         let recorded = match first {
-            Some(b'{') => serde_json::from_slice::<GenerateOutput<'_>>(json)
-                .map(|out| self.record_output(node, &out, streamed, host)),
+            Some(b'{') => match sglang::output(json) {
+                Some(out) => {
+                    self.record_output(node, &out, streamed, host);
+                    Ok(())
+                }
+                None => serde_json::from_slice::<GenerateOutput<'_>>(json)
+                    .map(|out| self.record_output(node, &out, streamed, host)),
+            },
             Some(b'[') => serde_json::from_slice::<Vec<GenerateOutput<'_>>>(json).map(|outs| {
                 for out in &outs {
                     self.record_output(node, out, streamed, host);
@@ -612,14 +648,36 @@ impl Cache {
 /// Pieces of a model output: token lengths when the ids decode to exactly `text` (with
 /// special tokens skipped, as SGLang does by default, or kept), else one piece (e.g. a stop
 /// string trimmed from `text`).
+///
+/// The lengths come first: when neither mode's lengths fit `text` (e.g. a stop string was
+/// trimmed from it), the result is one piece whatever the ids decode to, so nothing is
+/// decoded. Otherwise the decodes decide as they always did, in the same order.
 fn output_pieces(text: &str, ids: &[u32], host: &impl Host) -> Vec<crate::tree::PieceEnd> {
-    for skip_special in [true, false] {
-        if host.decode(ids, skip_special).is_ok_and(|d| d == text) {
-            let lengths = host.token_lengths(ids, skip_special).unwrap_or_default();
-            return pieces_from_lengths(text, ids, &lengths);
+    let ends = |skip_special| {
+        let lengths = host.token_lengths(ids, skip_special).unwrap_or_default();
+        pieces_from_lengths(text, ids, &lengths)
+    };
+    let whole = pieces_from_lengths(text, ids, &[]);
+    let skipped = ends(true);
+    let mut kept = None;
+    if skipped == whole {
+        let k = ends(false);
+        if k == whole {
+            return whole;
         }
+        kept = Some(k);
     }
-    pieces_from_lengths(text, ids, &[])
+    let decodes_to_text = |skip_special| {
+        host.decode(ids, skip_special)
+            .is_ok_and(|d| bytes_eq(d.as_bytes(), text.as_bytes()))
+    };
+    if decodes_to_text(true) {
+        return skipped;
+    }
+    if decodes_to_text(false) {
+        return kept.unwrap_or_else(|| ends(false));
+    }
+    whole
 }
 
 #[cfg(test)]

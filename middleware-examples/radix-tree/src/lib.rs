@@ -31,11 +31,14 @@
 //! `radix_memory_bytes`. `GET /radix_tree/stats` returns all of them as JSON.
 //!
 //! Layout: [`tree`] is the data structure (plain Rust, tested natively), [`cache`] the
-//! middleware behaviour over a host trait, [`sglang`] the JSON it reads, and `guest` (wasm
-//! only) binds it to `wit/router.wit`.
+//! middleware behaviour over a host trait, [`sglang`] the JSON it reads (through the fast
+//! [`json`] reader, with serde_json as the fallback), [`scan`] the byte scans that grow with the
+//! prompt, and `guest` (wasm only) binds it to `wit/router.wit`.
 
 pub mod cache;
 pub mod config;
+pub mod json;
+pub mod scan;
 pub mod sglang;
 pub mod tree;
 

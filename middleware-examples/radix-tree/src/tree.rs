@@ -11,8 +11,13 @@
 //! with an identical piece (same text and same ids): an insert shares such a piece and splits
 //! where the paths differ.
 //!
-//! Children are kept sorted by first byte and found by binary search; only siblings sharing
-//! a first byte (different tokenisations, usually a handful) are compared one by one.
+//! Children are indexed by their first piece: each child entry holds the piece's length and a
+//! hash of its text ([`Child`]), sorted, in the 8 bytes a first-byte index took. An insert looks
+//! up its next piece directly; a lookup hashes the query's prefix of each first-piece length
+//! present and binary-searches for it. So the siblings visited are those whose first piece is
+//! a prefix of the query (and the rare hash collision), not all those sharing a first byte:
+//! with byte-level BPE most pieces start with a space, and a prompt whose samples diverge at
+//! their first token (` The`, ` Let`, ` We`, ...) would otherwise be one bucket scanned whole.
 //!
 //! Segment ends: the end of every insert (a prompt or an output, i.e. where some request's
 //! text or some response's output ended) is marked on its last token. An insert always ends
@@ -44,6 +49,8 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap};
+
+use crate::scan::{bytes_eq, common_prefix_len};
 
 #[cfg(test)]
 mod tests;
@@ -375,9 +382,35 @@ pub struct Stats {
 
 #[derive(Clone, Copy, Debug)]
 struct Child {
-    /// First byte of the child's edge: children are sorted by it.
-    byte: u8,
+    /// [`piece_key`] of the child's first piece; siblings are sorted by it.
+    key: u32,
     node: u32,
+}
+
+/// Up to this many children, a lookup compares them all rather than hashing its prefixes.
+const FEW_CHILDREN: usize = 4;
+/// The most bytes of a first piece its key covers; longer pieces are keyed by this prefix.
+const KEY_BYTES: usize = 255;
+const HASH_SEED: u32 = 0x811c_9dc5;
+
+/// The index key of a first piece: its length (up to [`KEY_BYTES`]) in the top byte and a 24-bit
+/// hash of (that much of) its text below, so that sorted keys group siblings by length. A
+/// lookup compares every sibling it finds in full, so a collision costs only a comparison.
+fn piece_key(piece: &[u8]) -> u32 {
+    let len = piece.len().min(KEY_BYTES);
+    key_of(len, hash_bytes(HASH_SEED, &piece[..len]))
+}
+
+/// FNV-1a over `bytes`, continuing from `state`: prefixes of a query hash incrementally.
+fn hash_bytes(state: u32, bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(state, |h, &b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
+fn key_of(len: usize, state: u32) -> u32 {
+    let mixed = state.wrapping_mul(0x9e37_79b9);
+    ((len as u32) << 24) | ((mixed ^ (mixed >> 16)) >> 8)
 }
 
 #[derive(Debug)]
@@ -459,10 +492,46 @@ impl Node {
         self.tokens.last().is_some_and(Token::ends_segment)
     }
 
-    fn children_starting_with(&self, byte: u8) -> &[Child] {
-        let lo = self.children.partition_point(|c| c.byte < byte);
-        let hi = lo + self.children[lo..].partition_point(|c| c.byte == byte);
-        &self.children[lo..hi]
+    /// Calls `visit` with each child whose first piece may be a prefix of `text`: all those
+    /// that are, and any whose key collides (or all children, when there are only a few). One
+    /// hash step per byte up to the longest first piece that fits, one binary search per
+    /// first-piece length present.
+    fn children_prefixing(&self, text: &[u8], mut visit: impl FnMut(u32)) {
+        // A few children (a chain of turns has one) are cheaper to compare than to hash for.
+        if self.children.len() <= FEW_CHILDREN {
+            for child in &self.children {
+                visit(child.node);
+            }
+            return;
+        }
+        let (mut state, mut hashed, mut i) = (HASH_SEED, 0, 0);
+        while let Some(first) = self.children.get(i) {
+            let length = first.key >> 24;
+            let group = &self.children[i..];
+            let group = &group[..group.partition_point(|c| c.key >> 24 == length)];
+            i += group.len();
+            let len = length as usize;
+            // Groups come shortest first: no longer piece fits either.
+            if len > text.len() {
+                break;
+            }
+            state = hash_bytes(state, &text[hashed..len]);
+            hashed = len;
+            let key = key_of(len, state);
+            let from = group.partition_point(|c| c.key < key);
+            for child in group[from..].iter().take_while(|c| c.key == key) {
+                visit(child.node);
+            }
+        }
+    }
+
+    /// The children whose first piece may be `piece` (all that are, and any whose key
+    /// collides).
+    fn children_with_first_piece(&self, piece: &[u8]) -> &[Child] {
+        let key = piece_key(piece);
+        let from = self.children.partition_point(|c| c.key < key);
+        let to = from + self.children[from..].partition_point(|c| c.key == key);
+        &self.children[from..to]
     }
 }
 
@@ -653,6 +722,16 @@ impl RadixTree {
         self.touch(found)
     }
 
+    /// [`RadixTree::lookup_segment`] for text not yet known to be UTF-8 (a request's JSON string
+    /// as it was unescaped): the matched prefix is UTF-8, since it equals cached text up to a
+    /// piece boundary, so only the rest is checked. Returns the match and the rest, or `None`,
+    /// changing nothing, when the rest is not UTF-8.
+    pub fn lookup_segment_utf8<'t>(&mut self, text: &'t [u8]) -> Option<(Match, &'t str)> {
+        let found = self.find(text, true);
+        let rest = std::str::from_utf8(&text[found.len..]).ok()?;
+        Some((self.touch(found), rest))
+    }
+
     /// Counts a hit or a miss and marks the path of `found` as recently used.
     fn touch(&mut self, found: Match) -> Match {
         if found.len > 0 {
@@ -768,9 +847,8 @@ impl RadixTree {
             if next == pieces.len() {
                 break node;
             }
-            let byte = pieces.piece_text(next)[0];
             let shared = self.nodes[node]
-                .children_starting_with(byte)
+                .children_with_first_piece(pieces.piece_text(next))
                 .iter()
                 .find_map(|c| {
                     let count = self.same_piece(c.node as usize, 0, 0, pieces, next)?;
@@ -831,20 +909,17 @@ impl RadixTree {
             at: Location::ROOT,
         };
         let mut best_access = 0;
-        // Usually one child per first byte, so the walk is a loop; the stack only fills when
-        // siblings share a first byte and both match whole.
+        // Usually one child matches, so the walk is a loop; the stack only fills when siblings
+        // (different tokenisations of the same text) both match whole.
         let mut next = Some((0usize, 0usize, 0usize));
         let mut stack = Vec::new();
         while let Some((parent, pos, tokens)) = next.take().or_else(|| stack.pop()) {
-            let Some(&byte) = text.get(pos) else {
-                continue;
-            };
-            for child in self.nodes[parent].children_starting_with(byte) {
-                let node = &self.nodes[child.node as usize];
+            self.nodes[parent].children_prefixing(&text[pos..], |child| {
+                let node = &self.nodes[child as usize];
                 let common = common_prefix_len(&node.text, &text[pos..]);
                 let pieces = node.piece_ends.partition_point(|&e| e as usize <= common);
                 let Some(last) = pieces.checked_sub(1) else {
-                    continue;
+                    return;
                 };
                 let bytes = node.piece_ends[last] as usize;
                 let len = pos + bytes;
@@ -860,7 +935,7 @@ impl RadixTree {
                         tokens: count,
                         at: Location {
                             node: NodeRef {
-                                index: child.node,
+                                index: child,
                                 generation: node.generation,
                             },
                             back: (node.text.len() - bytes) as u32,
@@ -869,14 +944,14 @@ impl RadixTree {
                     best_access = node.last_access;
                 }
                 if whole {
-                    let below = (child.node as usize, len, count);
+                    let below = (child as usize, len, count);
                     if next.is_none() {
                         next = Some(below);
                     } else {
                         stack.push(below);
                     }
                 }
-            }
+            });
         }
         best
     }
@@ -915,7 +990,7 @@ impl RadixTree {
         let n = &self.nodes[node];
         let (start, end, count) = n.piece_at(piece, token);
         let ids = pieces.piece_ids(next);
-        let same = n.text[start..end] == *pieces.piece_text(next)
+        let same = bytes_eq(&n.text[start..end], pieces.piece_text(next))
             && count == ids.len()
             && n.tokens[token..token + count]
                 .iter()
@@ -955,7 +1030,7 @@ impl RadixTree {
             tokens: n.tokens[..token].into(),
             piece_ends: n.piece_ends[..piece].into(),
             children: vec![Child {
-                byte: n.text[cut],
+                key: piece_key(&n.text[cut..n.piece_ends[piece] as usize]),
                 node: node as u32,
             }],
             parent: n.parent,
@@ -1018,7 +1093,7 @@ impl RadixTree {
             }
         }
         self.stats.inserted_tokens += tokens.len() as u64;
-        let byte = text[0];
+        let key = piece_key(&text[..piece_ends[0] as usize]);
         let child = self.alloc(Node {
             text: text.into(),
             tokens: tokens.into(),
@@ -1032,12 +1107,12 @@ impl RadixTree {
         });
         let p = &mut self.nodes[parent];
         let before = p.children.capacity();
-        // After same-byte siblings: lookups break ties by access time, not position.
-        let at = p.children.partition_point(|c| c.byte <= byte);
+        // After same-key siblings: lookups break ties by access time, not position.
+        let at = p.children.partition_point(|c| c.key <= key);
         p.children.insert(
             at,
             Child {
-                byte,
+                key,
                 node: child as u32,
             },
         );
@@ -1196,25 +1271,4 @@ impl RadixTree {
             }
         }
     }
-}
-
-/// Length of the common prefix of `a` and `b`.
-fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    // Eight bytes at a time: in wasm, `memcmp` is a byte loop, and whole 100 KB edges are
-    // compared on every multi-turn request.
-    let (words_a, _) = a.as_chunks::<8>();
-    let (words_b, _) = b.as_chunks::<8>();
-    for (i, (x, y)) in words_a.iter().zip(words_b).enumerate() {
-        let diff = u64::from_le_bytes(*x) ^ u64::from_le_bytes(*y);
-        if diff != 0 {
-            return i * 8 + (diff.trailing_zeros() / 8) as usize;
-        }
-    }
-    let mut i = words_a.len() * 8;
-    while i < n && a[i] == b[i] {
-        i += 1;
-    }
-    i
 }

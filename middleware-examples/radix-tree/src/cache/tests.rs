@@ -2,7 +2,7 @@
 //! one token per UTF-8 byte (like byte-level BPE), a few words are one token (longest first,
 //! so ` them` is one token, not ` the` + `m`), and `<|im_end|>` is a special token.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
@@ -28,6 +28,7 @@ struct FakeHost {
     counters: RefCell<BTreeMap<String, u64>>,
     gauges: RefCell<BTreeMap<String, i64>>,
     encoded: RefCell<Vec<String>>,
+    decodes: Cell<usize>,
 }
 
 impl FakeHost {
@@ -82,6 +83,7 @@ impl Host for FakeHost {
 
     fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
         self.check()?;
+        self.decodes.set(self.decodes.get() + 1);
         let mut bytes = Vec::new();
         for &id in ids {
             match (id, word_of(id)) {
@@ -388,6 +390,81 @@ fn stop_string_trimmed_output_is_one_piece() {
     let (_, v) = retrieve(&cache, &host, "Qo");
     assert_eq!(v["tokens"], json!(encode("Qo")));
     assert_eq!(cache.tree().newest_version(), Some("7"));
+}
+
+#[test]
+fn outputs_decode_only_when_the_lengths_fit() {
+    let host = FakeHost::default();
+    let mut cache = cache();
+    let (_, stash) = rewrite(cache.on_request(&generate("Q"), &host));
+    // A stop string trimmed from the text: neither mode's lengths add up, so no decode.
+    let body = json!({"text": "ok", "output_ids": encode("okEND"), "meta_info": {}});
+    cache.on_response(200, body.to_string().as_bytes(), &stash, &host);
+    assert_eq!(host.decodes.get(), 0);
+    assert_eq!(host.counter("radix_responses_cached"), 1);
+    // The usual output: one decode proves the split.
+    let (_, stash) = rewrite(cache.on_request(&generate("R"), &host));
+    cache.on_response(200, &response("de", "1"), &stash, &host);
+    assert_eq!(host.decodes.get(), 1);
+    let (_, v) = retrieve(&cache, &host, "Rd");
+    assert_eq!(v["loss_mask"], json!([0, 1]), "split per token");
+    // The lengths fit with specials kept: decoded both ways, as before.
+    let (_, stash) = rewrite(cache.on_request(&generate("S"), &host));
+    let mut ids = encode("x");
+    ids.push(EOS);
+    let body = json!({"text": format!("x{EOS_TEXT}"), "output_ids": ids});
+    cache.on_response(200, body.to_string().as_bytes(), &stash, &host);
+    assert_eq!(host.decodes.get(), 3);
+    let (_, v) = retrieve(&cache, &host, "Sx");
+    assert_eq!(v["tokens"], json!(encode("Sx")), "x is its own piece");
+}
+
+#[test]
+fn text_that_is_not_utf8_passes_untouched() {
+    let host = FakeHost::default();
+    let mut cache = cache();
+    let (_, stash) = rewrite(cache.on_request(&generate("cached "), &host));
+    cache.on_response(200, &response("out", "1"), &stash, &host);
+    let before = cache.tree().stats();
+    // Bad bytes in the uncached rest, raw or after an escape; or the whole text uncached.
+    for body in [
+        &b"{\"text\": \"cached out\xff\"}"[..],
+        b"{\"text\": \"cached out\\n\xc3(\"}",
+        b"{\"text\": \"\xe2\x82\"}",
+    ] {
+        assert_eq!(cache.on_request(body, &host), RequestOutcome::Pass);
+        assert!(
+            serde_json::from_slice::<Value>(body).is_err(),
+            "serde_json refuses it too"
+        );
+    }
+    assert_eq!(cache.tree().stats(), before, "no hit, miss or insert");
+    // A multi-byte character right after the cached prefix is fine.
+    let (ids, _) = rewrite(cache.on_request(&generate("cached outé"), &host));
+    assert_eq!(ids.len(), encode("cached out").len() + 1 + 2);
+}
+
+#[test]
+fn responses_serde_json_reads_are_cached_the_same() {
+    // The fast reader leaves `\u` surrogates to serde_json: same tree either way.
+    let host = FakeHost::default();
+    let mut fast = cache();
+    let mut slow = cache();
+    for (cache, escaped) in [(&mut fast, false), (&mut slow, true)] {
+        let (_, stash) = rewrite(cache.on_request(&generate("Q"), &host));
+        let mut body = String::from_utf8(response("a🦀", "1")).expect("UTF-8");
+        if escaped {
+            body = body.replace('🦀', "\\ud83e\\udd80");
+        }
+        assert_eq!(sglang::output(body.as_bytes()).is_none(), escaped);
+        cache.on_response(200, body.as_bytes(), &stash, &host);
+    }
+    assert_eq!(host.counter("radix_responses_cached"), 2);
+    assert_eq!(
+        retrieve(&fast, &host, "Qa🦀"),
+        retrieve(&slow, &host, "Qa🦀")
+    );
+    assert_eq!(fast.tree().stats(), slow.tree().stats());
 }
 
 #[test]

@@ -18,13 +18,14 @@ fn check(tree: &RadixTree) {
         }
         heap += n.heap_bytes();
         for pair in n.children.windows(2) {
-            assert!(pair[0].byte <= pair[1].byte, "children unsorted");
+            assert!(pair[0].key <= pair[1].key, "children unsorted");
         }
         for (a, c) in n.children.iter().enumerate() {
             let child = &tree.nodes[c.node as usize];
             assert!(child.live, "dead child");
             assert_eq!(child.parent as usize, i, "parent pointer");
-            assert_eq!(child.text[0], c.byte, "child byte");
+            let first = &child.text[..child.piece_ends[0] as usize];
+            assert_eq!(piece_key(first), c.key, "child key");
             if i != 0 {
                 assert_ne!(
                     tree.versions.cmp(n.newest_version, child.newest_version),
@@ -285,6 +286,51 @@ fn sibling_conflicts_share_first_byte() {
     let d = Owned::of(&[("hello", &[1])]);
     assert_eq!(tree.insert(&Location::ROOT, &d.pieces(false), None), ra);
     assert_eq!(tree.stats().nodes, 3);
+}
+
+#[test]
+fn wide_nodes_find_every_sibling() {
+    // Siblings whose first pieces are prefixes of each other (" ab", " abab", ...), longer than
+    // a key covers (300 bytes, the first 255 shared), or the same text under other ids.
+    let mut tree = RadixTree::new(big());
+    let prompt = Owned::of(&[("P", &[1])]);
+    let root = tree
+        .insert(&Location::ROOT, &prompt.pieces(false), None)
+        .expect("live");
+    let mut firsts: Vec<String> = (1..=40).map(|n| format!(" {}", "ab".repeat(n))).collect();
+    firsts.extend([" y", " z", " é"].map(String::from));
+    firsts.extend(['a', 'b'].map(|c| format!(" {}{c}", "x".repeat(298))));
+    let mut samples = Vec::new();
+    for (i, first) in firsts.iter().enumerate() {
+        for alt in 0..2 {
+            let first_id = 100 + 2 * i as u32 + alt;
+            let tail = format!(" tail{i}");
+            let out = Owned::of(&[(first.as_str(), &[first_id]), (tail.as_str(), &[7])]);
+            let end = tree
+                .insert_below(root, &out.pieces(true), None)
+                .expect("live");
+            samples.push((format!("P{first}{tail}"), first_id, end, out));
+        }
+    }
+    check(&tree);
+    assert_eq!(
+        tree.nodes[root.index as usize].children.len(),
+        2 * firsts.len()
+    );
+    for (text, first_id, end, out) in &samples {
+        // Found whole; of two tokenisations of the same text, the most recently used.
+        let found = tree.lookup_read_only(text);
+        assert_eq!(found.len, text.len(), "{text}");
+        let ids = ids_at(&tree, &found.at);
+        assert_eq!((ids.len(), ids[1] / 2), (3, first_id / 2), "{text}");
+        // Inserting a sample again finds its child and shares everything.
+        let nodes = tree.stats().nodes;
+        assert_eq!(tree.insert_below(root, &out.pieces(true), None), Some(*end));
+        assert_eq!(tree.stats().nodes, nodes);
+    }
+    // The longest whole first piece wins: " ab", " abab", " ababab" all prefix the query.
+    assert_eq!(tree.lookup_read_only("P abababzz").len, "P ababab".len());
+    check(&tree);
 }
 
 #[test]
@@ -1327,5 +1373,85 @@ fn bench_eviction_latency() {
     println!(
         "{} tokens in {} nodes; evicted {} by LRU, {} by version",
         s.tokens, s.nodes, s.evicted_tokens, s.version_evicted_tokens
+    );
+}
+
+/// A prompt node with 1000 children, one per sample, whose first pieces are distinct words
+/// that all start with a space (` The`, ` Let`, ...): GRPO samples diverging at their first
+/// token. Each sample is then continued (turn 2) or looked up. Run with
+/// `cargo test --release --lib -- --ignored --nocapture bench_wide`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_wide_node() {
+    use std::time::Instant;
+    let mut rng = Rng(99);
+    let (prompt, prompt_ends) = words_to_pieces(&[
+        "<|im_start|>user\n".to_owned(),
+        "Solve".to_owned(),
+        " it".to_owned(),
+        "<|im_end|>\n<|im_start|>assistant\n".to_owned(),
+    ]);
+    let mut tree = RadixTree::new(Config::default());
+    let p = Pieces::new(&prompt, &[1, 2, 3, 4], &prompt_ends).expect("valid");
+    let node = tree.insert(&Location::ROOT, &p, Some("1")).expect("live");
+    // 1000 distinct first words of 1-12 letters after the space, then 40 shared-ish words.
+    let mut firsts = std::collections::BTreeSet::new();
+    while firsts.len() < 1000 {
+        let len = 1 + rng.below(12);
+        let word: String = (0..len)
+            .map(|_| char::from(b'a' + rng.below(26) as u8))
+            .collect();
+        firsts.insert(format!(" {word}"));
+    }
+    let samples: Vec<(String, Vec<PieceEnd>, Vec<u32>)> = firsts
+        .iter()
+        .enumerate()
+        .map(|(i, first)| {
+            let mut words = vec![first.clone()];
+            words.extend((0..40).map(|j| format!(" w{}", (i * 7 + j) % 50)));
+            let (text, ends) = words_to_pieces(&words);
+            let ids = (0..words.len() as u32)
+                .map(|j| 1000 + i as u32 * 64 + j)
+                .collect();
+            (text, ends, ids)
+        })
+        .collect();
+    for (text, ends, ids) in &samples {
+        let p = Pieces::new(text, ids, ends)
+            .expect("valid")
+            .with_loss_mask(true);
+        tree.insert_below(node, &p, Some("1")).expect("live");
+    }
+    let children = tree.nodes[node.index as usize].children.len();
+    assert_eq!(children, 1000);
+    // Turn 2 of each sample: prompt + its output + a new user turn.
+    let queries: Vec<String> = samples
+        .iter()
+        .map(|(text, _, _)| format!("{prompt}{text}<|im_end|>\n<|im_start|>user\nmore"))
+        .collect();
+    let rounds = 20;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for q in &queries {
+            let m = tree.lookup_segment(q);
+            assert!(m.len > prompt.len());
+        }
+    }
+    let lookup = start.elapsed() / (rounds * queries.len()) as u32;
+    // The same outputs again (a retry, or n samples that agree): every piece shared.
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for (text, ends, ids) in &samples {
+            let p = Pieces::new(text, ids, ends)
+                .expect("valid")
+                .with_loss_mask(true);
+            tree.insert_below(node, &p, Some("1")).expect("live");
+        }
+    }
+    let insert = start.elapsed() / (rounds * samples.len()) as u32;
+    assert_eq!(tree.nodes[node.index as usize].children.len(), 1000);
+    println!(
+        "node with {children} children: turn-2 lookup {lookup:?}, shared insert {insert:?}, {:.1} B/token",
+        tree.memory_bytes() as f64 / tree.stats().tokens as f64
     );
 }
