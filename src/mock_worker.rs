@@ -5,7 +5,8 @@
 //! test never sleeps waiting for it.
 //!
 //! Per-request knobs (headers): `x-mock-delay-ms` delays the answer, `x-mock-status` forces
-//! a status.
+//! a status. `POST /mock/health?healthy=false` makes `/health` answer 503 (and `=true` undoes
+//! it), for demos of the router's health checks.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,6 +48,9 @@ pub struct MockConfig {
     pub tokenizer: Option<Arc<Tokenizer>>,
     /// Keep every request for [`MockWorker::seen`] (tests); off for long benchmark runs.
     pub record: bool,
+    /// Bytes of base64-like `meta_info.routed_experts` per answer (MoE routing replay makes
+    /// SGLang answers megabytes long); 0 leaves the field out.
+    pub routed_experts_bytes: usize,
 }
 
 /// One request as the mock received it.
@@ -255,6 +259,15 @@ async fn respond(
         return json(status, &json!({"error": "forced by x-mock-status"}));
     }
     match (parts.method.clone(), parts.uri.path()) {
+        (Method::POST, "/mock/health") => {
+            // `?healthy=false` makes /health answer 503 until `?healthy=true` (demos, chaos).
+            let healthy = parts
+                .uri
+                .query()
+                .is_none_or(|q| !q.contains("healthy=false"));
+            state.healthy.store(healthy, Ordering::Relaxed);
+            json(StatusCode::OK, &json!({"healthy": healthy}))
+        }
         (_, "/health" | "/health_generate") => {
             if state.healthy.load(Ordering::Relaxed) {
                 json(StatusCode::OK, &json!({}))
@@ -324,6 +337,7 @@ struct Generation {
     texts: Vec<String>,
     logprob: bool,
     weight_version: String,
+    routed_experts: Option<String>,
 }
 
 impl Generation {
@@ -345,6 +359,9 @@ impl Generation {
                 .map(|(i, id)| json!([mock_logprob(i), id, null]))
                 .collect();
             meta["output_token_logprobs"] = Value::Array(logprobs);
+        }
+        if let Some(experts) = &self.routed_experts {
+            meta["routed_experts"] = Value::String(experts.clone());
         }
         json!({"text": self.texts[..n].concat(), "output_ids": ids, "meta_info": meta})
     }
@@ -434,12 +451,15 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
     } else {
         config.weight_version.clone()
     };
+    let routed_experts = (config.routed_experts_bytes > 0)
+        .then(|| "QUJD".repeat(config.routed_experts_bytes.div_ceil(4)));
     Ok(Generation {
         prompt_tokens: prompt.len(),
         ids,
         texts,
         logprob,
         weight_version,
+        routed_experts,
     })
 }
 

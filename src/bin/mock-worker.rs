@@ -32,6 +32,9 @@ struct Args {
     /// tokenizer.json (or a directory holding it); without one a token is a byte.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Size of a base64-like meta_info.routed_experts in every answer (0: none).
+    #[arg(long, default_value_t = 0)]
+    routed_experts_bytes: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         weight_version: args.weight_version,
         tokenizer,
         record: false,
+        routed_experts_bytes: args.routed_experts_bytes,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

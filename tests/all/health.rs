@@ -16,7 +16,12 @@ async fn unhealthy_worker_leaves_routing_and_comes_back() -> Result<()> {
         c.health_check_success_threshold = 2;
     })
     .await?;
-    a.set_healthy(false);
+    // The same switch the mock-worker binary offers over HTTP.
+    let client = reqwest::Client::new();
+    client
+        .post(format!("{}/mock/health?healthy=false", a.url()))
+        .send()
+        .await?;
     eventually(2.0, async || Ok(!r.workers().await?[0].2)).await?;
     let before = a.requests();
     for _ in 0..10 {
@@ -30,7 +35,10 @@ async fn unhealthy_worker_leaves_routing_and_comes_back() -> Result<()> {
         .filter(|s| s.path_and_query == "/generate")
         .count();
     assert_eq!(generate_hits, 0);
-    a.set_healthy(true);
+    client
+        .post(format!("{}/mock/health?healthy=true", a.url()))
+        .send()
+        .await?;
     eventually(2.0, async || Ok(r.workers().await?[0].2)).await?;
     Ok(())
 }
