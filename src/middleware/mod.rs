@@ -21,7 +21,7 @@ use http::{HeaderMap, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
 use self::bindings::{Hooks, Reply, Request, RequestAction, RequestPatch, ResponsePatch};
-use self::edit::{EditError, apply_body, apply_headers};
+use self::edit::{EditError, apply_body, apply_headers, project};
 use self::engine::Engine;
 use self::host::{HookTimers, Shared};
 use self::instance::{Factory, Failure, Guest};
@@ -124,26 +124,26 @@ impl Pipeline {
             let (file, guest_config) = spec.split_once('?').unwrap_or((spec, ""));
             let load = async {
                 let pre = engine.prepare(Path::new(file))?;
-                let factory = |name: String| Factory {
+                let factory = |name: String, metrics: Arc<Metrics>| Factory {
                     engine: engine.wasmtime().clone(),
                     pre: pre.clone(),
                     config: guest_config.to_owned(),
                     shared: Arc::new(Shared {
                         timers: HookTimers::new(&metrics, &name),
                         name,
-                        metrics: metrics.clone(),
+                        metrics,
                         pool: pool.clone(),
                         tokenizer: tokenizer.clone(),
                     }),
                     memory_cap,
                     deadline,
                 };
-                let probe = Guest::load(factory(file_stem(file))).await?;
+                // A first instance reads the manifest; it reports into throwaway metrics,
+                // since its name (the file's) is not the one the middleware gives itself.
+                let probe = Guest::load(factory(file_stem(file), Arc::new(Metrics::new()))).await?;
                 let name = probe.manifest.name.clone();
                 validate(&probe, &guests)?;
-                // Instances carry their name into logs and metrics; make them with the
-                // manifest's name.
-                Guest::load(factory(name)).await
+                Guest::load(factory(name, metrics.clone())).await
             };
             let guest = load.await.with_context(|| format!("middleware {file}"))?;
             tracing::info!(
@@ -331,11 +331,19 @@ impl Pipeline {
                 let started = Instant::now();
                 let with_body = guest.wants(Hooks::RESPONSE_BODY);
                 let response_headers = wit_headers(&parts.headers);
+                let fields = &guest.manifest.response_fields;
+                let projected = body
+                    .as_deref()
+                    .filter(|_| with_body && !fields.is_empty())
+                    .and_then(|b| project(b, fields));
                 let response = bindings::Response {
                     worker: &worker,
                     status: parts.status.as_u16(),
                     headers: &response_headers,
-                    body: body.as_deref().filter(|_| with_body),
+                    body: projected
+                        .as_deref()
+                        .or(body.as_deref())
+                        .filter(|_| with_body),
                 };
                 let patch = guest
                     .call(async |slot| {

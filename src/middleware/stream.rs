@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::bindings::ChunkAction;
+use super::edit::project_events;
 use super::instance::Guest;
 use crate::body::{BodyError, Lease, RouterBody};
 use crate::metrics::Metrics;
@@ -123,7 +124,13 @@ impl Stream {
             }
             let started = std::time::Instant::now();
             let stash = hook.stash.take();
-            let (id, chunk) = (self.request_id, events.clone());
+            let fields = &hook.guest.manifest.response_fields;
+            let chunk = if fields.is_empty() {
+                events.clone()
+            } else {
+                Bytes::from(project_events(&events, fields))
+            };
+            let id = self.request_id;
             let result = hook
                 .guest
                 .call(async |slot| {

@@ -23,10 +23,14 @@ struct Setup {
 }
 
 async fn setup(config: &str) -> Result<Setup> {
+    setup_with(config, MockConfig::default()).await
+}
+
+async fn setup_with(config: &str, mock: MockConfig) -> Result<Setup> {
     let tokenizer = Arc::new(Tokenizer::load(&fixture())?);
     let worker = mock_with(MockConfig {
         tokenizer: Some(tokenizer.clone()),
-        ..MockConfig::default()
+        ..mock
     })
     .await?;
     let (url, spec) = (worker.url(), mw(RADIX_TREE, config));
@@ -276,5 +280,98 @@ async fn requests_with_input_ids_pass_through_unchanged() -> Result<()> {
         &s.worker.last_seen().context("seen")?.body[..],
         body.as_bytes()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_conversations_stay_token_exact() -> Result<()> {
+    let s = Arc::new(setup("").await?);
+    let mut conversations = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let s = s.clone();
+        conversations.spawn(async move {
+            let mut text = format!("<|im_start|>user\nQuestion {i}: what does the fox do?<|im_end|>\n<|im_start|>assistant\n");
+            let mut exact = s.encode(&text)?;
+            let mut outputs = 0;
+            for turn in 0..3 {
+                if turn > 0 {
+                    let tail = format!("<|im_end|>\n<|im_start|>user\nand then {turn}?<|im_end|>\n<|im_start|>assistant\n");
+                    exact.extend(s.encode(&tail)?);
+                    text.push_str(&tail);
+                }
+                let body = json!({"text": text, "return_logprob": true, "sampling_params": {"max_new_tokens": 6 + i}});
+                let (status, answer) = s.router.post("/generate", &body).await?;
+                anyhow::ensure!(status == 200, "{answer}");
+                exact.extend(ids(&answer["output_ids"]));
+                outputs += answer["output_ids"].as_array().map_or(0, Vec::len);
+                text.push_str(answer["text"].as_str().context("text")?);
+            }
+            let retrieved = s.retrieve(&text).await?;
+            anyhow::ensure!(ids(&retrieved["tokens"]) == exact, "conversation {i} drifted");
+            let ones = retrieved["loss_mask"].as_array().context("mask")?.iter().filter(|m| *m == 1).count();
+            anyhow::ensure!(ones == outputs, "conversation {i}: {ones} output tokens, want {outputs}");
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(done) = conversations.join_next().await {
+        done??;
+    }
+    for seen in s.worker.seen() {
+        let body = crate::common::parse(&seen.body)?;
+        assert!(
+            body.get("text").is_none() && body["input_ids"].is_array(),
+            "sent as text: {body}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn megabytes_of_routed_experts_never_enter_the_cache() -> Result<()> {
+    // MoE routing replay makes every answer megabytes long; the cache names the fields it
+    // reads, so only those cross into the guest and its deadline is never at risk.
+    let s = setup_with(
+        "",
+        MockConfig {
+            routed_experts_bytes: 16 << 20,
+            ..MockConfig::default()
+        },
+    )
+    .await?;
+    let output = s.encode(" Experts routed.")?;
+    s.worker.script_output(output.clone());
+    let body = json!({"text": PROMPT, "return_logprob": true});
+    let response = s
+        .router
+        .client
+        .post(s.router.url("/generate"))
+        .body(body.to_string())
+        .send()
+        .await?;
+    let bytes = response.bytes().await?;
+    let answer = crate::common::parse(&bytes)?;
+    let experts = answer["meta_info"]["routed_experts"]
+        .as_str()
+        .context("routed_experts")?;
+    assert!(
+        experts.len() >= 16 << 20,
+        "the client gets the whole answer"
+    );
+    let text = answer["text"].as_str().context("text")?;
+    let retrieved = s.retrieve(&format!("{PROMPT}{text}")).await?;
+    assert_eq!(
+        ids(&retrieved["tokens"]),
+        [s.encode(PROMPT)?, output].concat(),
+        "the output was cached"
+    );
+    let metrics = s
+        .router
+        .client
+        .get(s.router.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(!metrics.contains("middleware_failures_total{"), "{metrics}");
     Ok(())
 }

@@ -70,6 +70,7 @@ impl Guest for AffinityRouter {
             paths: Vec::new(),
             routes: Vec::new(),
             // Affinity is an optimisation: without it, the pool still routes correctly.
+            response_fields: Vec::new(),
             on_failure: FailureMode::FailOpen,
             stateful: false,
         })

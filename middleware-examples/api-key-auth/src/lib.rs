@@ -57,6 +57,7 @@ impl Guest for ApiKeyAuth {
             paths,
             routes: Vec::new(),
             // A broken auth check must not let traffic through.
+            response_fields: Vec::new(),
             on_failure: FailureMode::FailClosed,
             stateful: false,
         })

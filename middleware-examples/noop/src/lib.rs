@@ -33,6 +33,7 @@ impl Guest for Noop {
             hooks: Hooks::REQUEST,
             paths: Vec::new(),
             routes: Vec::new(),
+            response_fields: Vec::new(),
             on_failure: FailureMode::FailOpen,
             stateful: false,
         })

@@ -105,6 +105,18 @@ impl Guest for RadixTreeMiddleware {
                     path: "/radix_tree/stats".into(),
                 },
             ],
+            // Only what `sglang::GenerateOutput` reads: SGLang answers can carry megabytes
+            // of base64 `routed_experts`, which the host then never copies in here.
+            response_fields: [
+                "text",
+                "output_ids",
+                "meta_info.output_token_logprobs",
+                "meta_info.weight_version",
+                "meta_info.finish_reason",
+                "meta_info.completion_tokens",
+            ]
+            .map(String::from)
+            .to_vec(),
             // The cache only speeds up /generate and records it: if it traps, the request
             // still goes out with its `text` and SGLang tokenises it, so generation never
             // fails because of the cache. The cost is that the rebuilt instance starts empty.

@@ -33,6 +33,7 @@ impl Guest for RequestId {
             paths: Vec::new(),
             routes: Vec::new(),
             // A missing trace id is not worth failing a request over.
+            response_fields: Vec::new(),
             on_failure: FailureMode::FailOpen,
             stateful: false,
         })

@@ -234,6 +234,7 @@ impl Guest for Hostile {
             hooks,
             paths: Vec::new(),
             routes,
+            response_fields: Vec::new(),
             on_failure: if c.fail_open {
                 FailureMode::FailOpen
             } else {

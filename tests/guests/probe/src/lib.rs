@@ -221,6 +221,7 @@ impl Guest for Probe {
                     path: path.clone(),
                 })
                 .collect(),
+            response_fields: Vec::new(),
             on_failure: if c.fail_open {
                 FailureMode::FailOpen
             } else {
