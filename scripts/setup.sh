@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
-# Installs what building slime-router needs beyond the Rust toolchain: the wasm32-wasip2
-# target the middleware components are compiled for.
+# Installs what building slime-router needs beyond the Rust toolchain: a working /dev/null and
+# the wasm32-wasip2 target the middleware components are compiled for.
 set -euo pipefail
+
+# Some sandboxes leave /dev/null as a regular file that collects whatever is "discarded". Cargo
+# feeds /dev/null to rustc as source when it probes a target, so the guest build (run midway
+# through the router's build, after C compiler probes wrote there) fails on that garbage.
+if [ ! -c /dev/null ]; then
+    echo "setup: /dev/null is not a character device; recreating it" >&2
+    mknod -m 666 /dev/null.slime-router c 1 3
+    mv -f /dev/null.slime-router /dev/null
+fi
+
 # grep without -q reads all its input, so rustup never sees a broken pipe under pipefail.
 if ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then
     echo "setup: installing the wasm32-wasip2 target" >&2
