@@ -77,7 +77,8 @@ pub struct Config {
     #[arg(long, value_name = "PATH")]
     pub hf_checkpoint: Option<PathBuf>,
 
-    /// Guest CPU time allowed per middleware call, in milliseconds (host calls excluded).
+    /// Guest CPU time allowed per middleware call, in milliseconds (host calls excluded),
+    /// plus 10 us per KiB of data the call hands the guest.
     #[arg(long, default_value_t = 5.0, value_parser = positive_secs)]
     pub middleware_deadline_ms: f64,
 

@@ -138,6 +138,7 @@ impl wasmtime::ResourceLimiter for Limits {
 /// clock is a system call, so a call that ends before the first epoch tick (nearly all of
 /// them) never reads it.
 pub struct CpuBudget {
+    base: Duration,
     limit: Duration,
     started: Instant,
     cpu_start: Option<Duration>,
@@ -146,9 +147,10 @@ pub struct CpuBudget {
 }
 
 impl CpuBudget {
-    fn new(limit: Duration) -> Self {
+    fn new(base: Duration) -> Self {
         Self {
-            limit,
+            base,
+            limit: base,
             started: Instant::now(),
             cpu_start: None,
             host: Duration::ZERO,
@@ -156,7 +158,12 @@ impl CpuBudget {
         }
     }
 
-    pub fn begin(&mut self) {
+    /// Starts a call that hands the guest `input` bytes. The budget is the deadline plus
+    /// 10 us per KiB of input: a guest must be able to read what it is given (a 32k-token
+    /// answer is about a megabyte), while a runaway loop is still stopped within the base.
+    pub fn begin(&mut self, input: usize) {
+        self.limit = self.base
+            + PER_INPUT_KIB.saturating_mul(u32::try_from(input / 1024).unwrap_or(u32::MAX));
         self.started = Instant::now();
         self.cpu_start = None;
         self.host = Duration::ZERO;
@@ -186,6 +193,8 @@ impl CpuBudget {
         (result, took)
     }
 }
+
+const PER_INPUT_KIB: Duration = Duration::from_micros(10);
 
 fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {

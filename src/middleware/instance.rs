@@ -62,7 +62,7 @@ impl Factory {
                 Ok(UpdateDeadline::Interrupt)
             }
         });
-        store.data_mut().budget.begin();
+        store.data_mut().budget.begin(0);
         store.set_epoch_deadline(1);
         let bindings = self.pre.instantiate_async(&mut store).await?;
         let mut slot = Slot { store, bindings };
@@ -109,8 +109,11 @@ impl Guest {
     }
 
     /// Runs `f` on an instance under the deadline and memory cap.
+    /// `input` is how many bytes the call hands the guest: the CPU budget grows with it (see
+    /// [`super::host::CpuBudget::begin`]).
     pub async fn call<R>(
         &self,
+        input: usize,
         f: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
     ) -> Result<R, Failure> {
         match &self.slots {
@@ -120,7 +123,7 @@ impl Guest {
                     Some(slot) => slot,
                     None => self.rebuild().await?,
                 };
-                let result = run(&mut slot, f).await;
+                let result = run(&mut slot, input, f).await;
                 if result.is_ok() {
                     *held = Some(slot);
                 }
@@ -132,7 +135,7 @@ impl Guest {
                     Some(slot) => slot,
                     None => self.rebuild().await?,
                 };
-                let result = run(&mut slot, f).await;
+                let result = run(&mut slot, input, f).await;
                 if result.is_ok() {
                     let mut idle = lock(idle);
                     if idle.len() < POOL_IDLE {
@@ -159,10 +162,11 @@ impl Guest {
 
 async fn run<R>(
     slot: &mut Slot,
+    input: usize,
     f: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
 ) -> Result<R, Failure> {
     let state = slot.store.data_mut();
-    state.budget.begin();
+    state.budget.begin(input);
     state.limits.memory_hit = false;
     slot.store.set_epoch_deadline(1);
     match f(slot).await {

@@ -198,8 +198,9 @@ impl Pipeline {
             let started = Instant::now();
             let headers = wit_headers(&ex.out.headers);
             let request = ex.wit_request(&headers, guest.wants(Hooks::REQUEST_BODY));
+            let input = request.body.map_or(0, <[u8]>::len);
             let action = guest
-                .call(async |slot| {
+                .call(input, async |slot| {
                     let (handler, store) = slot.parts();
                     handler.call_on_request(store, request).await
                 })
@@ -254,7 +255,7 @@ impl Pipeline {
         let headers = wit_headers(&ex.out.headers);
         let request = ex.wit_request(&headers, true);
         let result = guest
-            .call(async |slot| {
+            .call(ex.out.body.len(), async |slot| {
                 let (handler, store) = slot.parts();
                 handler.call_handle(store, request).await
             })
@@ -345,8 +346,9 @@ impl Pipeline {
                         .or(body.as_deref())
                         .filter(|_| with_body),
                 };
+                let input = response.body.map_or(0, <[u8]>::len);
                 let patch = guest
-                    .call(async |slot| {
+                    .call(input, async |slot| {
                         let (handler, store) = slot.parts();
                         handler
                             .call_on_response(store, head.clone(), response, stash.as_deref())

@@ -133,12 +133,15 @@ impl Stream {
             let id = self.request_id;
             let result = hook
                 .guest
-                .call(async |slot| {
-                    let (handler, store) = slot.parts();
-                    handler
-                        .call_on_response_chunk(store, id, &chunk, last, stash.as_deref())
-                        .await
-                })
+                .call(
+                    chunk.len() + stash.as_ref().map_or(0, Vec::len),
+                    async |slot| {
+                        let (handler, store) = slot.parts();
+                        handler
+                            .call_on_response_chunk(store, id, &chunk, last, stash.as_deref())
+                            .await
+                    },
+                )
                 .await;
             hook.guest
                 .timers()
