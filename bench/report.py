@@ -15,7 +15,7 @@ from pathlib import Path
 GROUPS = {
     "static": {
         "title": "Static workers (nginx `return 200` JSON), POST /generate with input_ids",
-        "order": ["direct", "nginx", "sglang", "slime", "slime-noop"],
+        "order": ["direct", "nginx", "sglang", "slime", "slime-noop", "slime-noop3"],
         "direct": "direct",
         "baselines": [("nginx", "x nginx least_conn"), ("sglang", "x SGLang router")],
     },
@@ -176,16 +176,20 @@ def summary_lines(cells_by_group):
             r = ratio("slime", base, hi, static)
             if r is not None:
                 out.append(f"- slime-router vs {label} at c={hi}: {r:.2f}x requests/s")
-        r = ratio("slime-noop", "slime", hi, static)
-        if r is not None:
-            out.append(f"- no-op wasm middleware keeps {r:.2f}x of slime-router's requests/s "
-                       f"at c={hi}")
+        for key, what in (("slime-noop", "one no-op wasm middleware"),
+                          ("slime-noop3", "three no-op wasm middlewares")):
+            r = ratio(key, "slime", hi, static)
+            if r is not None:
+                out.append(f"- {what} keep{'s' if key == 'slime-noop' else ''} {r:.2f}x of "
+                           f"slime-router's requests/s at c={hi}")
     if 1 in {c for (_, c) in static}:
         a = added("slime", "direct", 1, static)
         b = added("slime-noop", "slime", 1, static)
+        b3 = added("slime-noop3", "slime", 1, static)
         if a is not None:
             out.append(f"- slime-router adds {a:.3f} ms p50 over direct at c=1"
-                       + (f"; the no-op middleware {b:+.3f} ms more" if b is not None else ""))
+                       + (f"; one no-op middleware {b:+.3f} ms more" if b is not None else "")
+                       + (f", three {b3:+.3f} ms" if b3 is not None else ""))
     hi = max((c for (_, c) in mock), default=None)
     if hi is not None:
         r = ratio("mock-radix", "mock-slime", hi, mock)

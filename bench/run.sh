@@ -31,7 +31,7 @@ BUILD=1
 PROFILE=0
 PROFILE_SECONDS=10
 ONLY=""
-ALL_TARGETS="direct,nginx,sglang,slime,slime-noop,mock-direct,mock-slime,mock-radix,chaos"
+ALL_TARGETS="direct,nginx,sglang,slime,slime-noop,slime-noop3,mock-direct,mock-slime,mock-radix,chaos"
 
 usage() {
     cat <<EOF
@@ -251,7 +251,7 @@ build() {
         log "cargo build --release"
         (cd "$ROOT" && cargo build --release --bins) >"$OUT/logs/cargo-build.log" 2>&1 ||
             die "cargo build --release failed: see bench/out/logs/cargo-build.log"
-        if wanted_any slime-noop mock-radix; then
+        if wanted_any slime-noop slime-noop3 mock-radix; then
             log "middleware-examples/build.sh"
             "$ROOT/middleware-examples/build.sh" >"$OUT/logs/middleware-build.log" 2>&1 ||
                 die "middleware-examples/build.sh failed: see bench/out/logs/middleware-build.log"
@@ -682,7 +682,7 @@ main() {
 
     local started=$SECONDS port key
     # Static group: nginx workers, then every proxy in front of them.
-    if wanted_any direct nginx sglang slime slime-noop; then
+    if wanted_any direct nginx sglang slime slime-noop slime-noop3; then
         start_static_workers
         wanted direct && add_target static direct "direct to one worker" "${STATIC_URLS[0]}/generate" "$BODY_IDS" ""
         if wanted nginx; then
@@ -709,6 +709,12 @@ main() {
             start_router slime-noop "$port" --worker-urls "${STATIC_URLS[@]}" \
                 --slime-router-middleware-paths "$wasm_dir/noop.wasm"
             add_target static slime-noop "slime-router + noop.wasm" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
+        fi
+        if wanted slime-noop3; then
+            alloc_port port
+            start_router slime-noop3 "$port" --worker-urls "${STATIC_URLS[@]}" \
+                --slime-router-middleware-paths "$wasm_dir/noop.wasm" "$wasm_dir/noop.wasm" "$wasm_dir/noop.wasm"
+            add_target static slime-noop3 "slime-router + 3x noop.wasm" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
         fi
         local ready=()
         for key in "${TARGETS[@]}"; do
