@@ -118,6 +118,10 @@ fn serialize(fields: &[(Cow<'_, str>, Value<'_>)]) -> Vec<u8> {
     out
 }
 
+/// Bodies up to this size go to a guest whole even when it names its `response-fields`:
+/// picking fields out of a short answer (a few µs of parsing) costs more than copying it.
+pub const PROJECT_ABOVE: usize = 16 * 1024;
+
 /// The fields of a JSON object named in `fields` (`name`, or `parent.child` one level down),
 /// in body order, or of each object of a JSON list; `None` when `json` is neither. Lets a
 /// middleware that reads a few fields of a /generate answer skip megabytes of base64

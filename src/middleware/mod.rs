@@ -21,7 +21,7 @@ use http::{HeaderMap, Response, StatusCode, header};
 use http_body_util::BodyExt;
 
 use self::bindings::{Hooks, Reply, Request, RequestAction, RequestPatch, ResponsePatch};
-use self::edit::{EditError, apply_body, apply_headers, project};
+use self::edit::{EditError, PROJECT_ABOVE, apply_body, apply_headers, project};
 use self::engine::Engine;
 use self::host::{HookTimers, Shared};
 use self::instance::{Factory, Failure, Guest};
@@ -335,7 +335,7 @@ impl Pipeline {
                 let fields = &guest.manifest.response_fields;
                 let projected = body
                     .as_deref()
-                    .filter(|_| with_body && !fields.is_empty())
+                    .filter(|b| with_body && !fields.is_empty() && b.len() > PROJECT_ABOVE)
                     .and_then(|b| project(b, fields));
                 let response = bindings::Response {
                     worker: &worker,

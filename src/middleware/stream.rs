@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::bindings::ChunkAction;
-use super::edit::project_events;
+use super::edit::{PROJECT_ABOVE, project_events};
 use super::instance::Guest;
 use crate::body::{BodyError, Lease, RouterBody};
 use crate::metrics::Metrics;
@@ -125,7 +125,7 @@ impl Stream {
             let started = std::time::Instant::now();
             let stash = hook.stash.take();
             let fields = &hook.guest.manifest.response_fields;
-            let chunk = if fields.is_empty() {
+            let chunk = if fields.is_empty() || events.len() <= PROJECT_ABOVE {
                 events.clone()
             } else {
                 Bytes::from(project_events(&events, fields))
