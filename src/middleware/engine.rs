@@ -4,7 +4,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Thread;
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -14,20 +15,21 @@ use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
 use super::bindings::{Middleware, MiddlewarePre};
 use super::host::HostState;
 
-/// How often the epoch advances; a call's CPU budget is checked at this granularity.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 const WASM_PAGE: usize = 64 * 1024;
+
+/// Ticks with no guest call running before the ticker sleeps until the next call.
+const IDLE_TICKS: u32 = 100;
 
 pub struct Engine {
     engine: wasmtime::Engine,
     linker: Linker<HostState>,
-    _ticker: Ticker,
+    epochs: Arc<Epochs>,
 }
 
 impl Engine {
     /// An engine for `middlewares` components with at most `memory_cap` bytes of linear
-    /// memory per instance.
-    pub fn new(middlewares: usize, memory_cap: usize) -> anyhow::Result<Self> {
+    /// memory per instance, whose calls get `deadline` of CPU each.
+    pub fn new(middlewares: usize, memory_cap: usize, deadline: Duration) -> anyhow::Result<Self> {
         let mut pooling = PoolingAllocationConfig::new();
         // Calls never suspend, so live instances stay near (pool size x middlewares).
         let instances = 64 * u32::try_from(middlewares.max(1)).unwrap_or(u32::MAX / 64);
@@ -48,16 +50,20 @@ impl Engine {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
         Middleware::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-        let ticker = Ticker::start(engine.clone());
+        let epochs = Epochs::start(engine.clone(), tick_for(deadline));
         Ok(Self {
             engine,
             linker,
-            _ticker: ticker,
+            epochs,
         })
     }
 
     pub fn wasmtime(&self) -> &wasmtime::Engine {
         &self.engine
+    }
+
+    pub fn epochs(&self) -> &Arc<Epochs> {
+        &self.epochs
     }
 
     /// Compiles and links one component (never on the request path).
@@ -75,32 +81,93 @@ impl Engine {
     }
 }
 
-/// Advances the engine's epoch every tick until dropped.
-struct Ticker {
-    stop: Arc<AtomicBool>,
+/// Budgets are checked once per tick, so a runaway call stops within 1.5 deadlines. Each tick
+/// wakes a thread (tens of µs of CPU on a VM), so it is no shorter than that precision needs.
+fn tick_for(deadline: Duration) -> Duration {
+    (deadline / 2).clamp(Duration::from_millis(1), Duration::from_millis(50))
 }
 
-impl Ticker {
-    fn start(engine: wasmtime::Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+/// Advances the engine's epoch every tick while guest calls run. After [`IDLE_TICKS`] ticks
+/// with none, the ticker thread parks until the next call, so an idle router never wakes.
+pub struct Epochs {
+    running: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<Thread>,
+}
+
+impl Epochs {
+    fn start(engine: wasmtime::Engine, tick: Duration) -> Arc<Self> {
+        let epochs = Arc::new(Self {
+            running: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let ticker = epochs.clone();
         let spawned = std::thread::Builder::new()
             .name("wasm-epoch".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the epoch ticker: middleware deadlines will not fire");
+            .spawn(move || ticker.run(&engine, tick));
+        match spawned {
+            Ok(handle) => {
+                let _ = epochs.thread.set(handle.thread().clone());
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "cannot start the epoch ticker: middleware deadlines will not fire"
+            ),
         }
-        Self { stop }
+        epochs
+    }
+
+    fn run(&self, engine: &wasmtime::Engine, tick: Duration) {
+        let mut idle = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(tick);
+            engine.increment_epoch();
+            if self.running.load(Ordering::SeqCst) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle >= IDLE_TICKS {
+                // Pairs with `enter`: either it sees `parked` and unparks, or this sees its
+                // call running and does not park.
+                self.parked.store(true, Ordering::SeqCst);
+                if self.running.load(Ordering::SeqCst) == 0 {
+                    std::thread::park();
+                }
+                self.parked.store(false, Ordering::SeqCst);
+                idle = 0;
+            }
+        }
+    }
+
+    /// Marks a guest call as running until the guard drops, waking the ticker if it sleeps.
+    pub fn enter(self: &Arc<Self>) -> Running {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Running(self.clone())
     }
 }
 
-impl Drop for Ticker {
+pub struct Running(Arc<Epochs>);
+
+impl Drop for Running {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.epochs.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.epochs.thread.get() {
+            thread.unpark();
+        }
     }
 }

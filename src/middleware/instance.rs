@@ -10,6 +10,7 @@ use anyhow::anyhow;
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::{FailureMode, Handler, Hooks, Manifest, Middleware, MiddlewarePre};
+use super::engine::Epochs;
 use super::host::{HookTimers, HostState, Shared};
 
 /// Idle instances kept per stateless middleware.
@@ -43,6 +44,7 @@ enum Slots {
 /// Everything needed to make a fresh instance of one middleware.
 pub struct Factory {
     pub engine: wasmtime::Engine,
+    pub epochs: Arc<Epochs>,
     pub pre: MiddlewarePre<HostState>,
     pub config: String,
     pub shared: Arc<Shared>,
@@ -64,6 +66,7 @@ impl Factory {
         });
         store.data_mut().budget.begin(0);
         store.set_epoch_deadline(1);
+        let _running = self.epochs.enter();
         let bindings = self.pre.instantiate_async(&mut store).await?;
         let mut slot = Slot { store, bindings };
         let (handler, store) = slot.parts();
@@ -123,7 +126,7 @@ impl Guest {
                     Some(slot) => slot,
                     None => self.rebuild().await?,
                 };
-                let result = run(&mut slot, input, f).await;
+                let result = run(&mut slot, &self.factory.epochs, input, f).await;
                 if result.is_ok() {
                     *held = Some(slot);
                 }
@@ -135,7 +138,7 @@ impl Guest {
                     Some(slot) => slot,
                     None => self.rebuild().await?,
                 };
-                let result = run(&mut slot, input, f).await;
+                let result = run(&mut slot, &self.factory.epochs, input, f).await;
                 if result.is_ok() {
                     let mut idle = lock(idle);
                     if idle.len() < POOL_IDLE {
@@ -162,6 +165,7 @@ impl Guest {
 
 async fn run<R>(
     slot: &mut Slot,
+    epochs: &Arc<Epochs>,
     input: usize,
     f: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
 ) -> Result<R, Failure> {
@@ -169,6 +173,7 @@ async fn run<R>(
     state.budget.begin(input);
     state.limits.memory_hit = false;
     slot.store.set_epoch_deadline(1);
+    let _running = epochs.enter();
     match f(slot).await {
         Ok(value) => Ok(value),
         Err(error) => {

@@ -118,7 +118,7 @@ impl Pipeline {
         }
         let memory_cap = usize::try_from(config.middleware_memory_mib << 20).unwrap_or(usize::MAX);
         let deadline = Duration::from_secs_f64(config.middleware_deadline_ms / 1000.0);
-        let engine = Engine::new(specs.len(), memory_cap)?;
+        let engine = Engine::new(specs.len(), memory_cap, deadline)?;
         let mut guests: Vec<Arc<Guest>> = Vec::new();
         for spec in specs {
             let (file, guest_config) = spec.split_once('?').unwrap_or((spec, ""));
@@ -126,6 +126,7 @@ impl Pipeline {
                 let pre = engine.prepare(Path::new(file))?;
                 let factory = |name: String, metrics: Arc<Metrics>| Factory {
                     engine: engine.wasmtime().clone(),
+                    epochs: engine.epochs().clone(),
                     pre: pre.clone(),
                     config: guest_config.to_owned(),
                     shared: Arc::new(Shared {

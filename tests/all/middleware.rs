@@ -1,6 +1,8 @@
 //! The middleware pipeline through the router: order, patches, replies, streams, routes,
 //! routing hints and the sandbox.
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use guest_artifacts::{HOSTILE, PROBE};
 use serde_json::{Value, json};
@@ -336,6 +338,22 @@ async fn the_sandbox_grants_no_files_env_args_or_sockets() -> Result<()> {
         "{report}"
     );
     still_serves(&r).await
+}
+
+#[tokio::test]
+async fn the_deadline_fires_after_the_router_sat_idle() -> Result<()> {
+    // With no guest call running the epoch ticker parks (after 100 ticks, 250 ms at a 5 ms
+    // deadline); the next call must wake it, or a runaway guest would never be stopped.
+    let a = mock().await?;
+    let r = router_mw(&[mw(HOSTILE, "mode=loop&at=handle")], &[&a]).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let request = r.client.get(r.url("/hostile/sandbox")).send();
+    let response = tokio::time::timeout(Duration::from_secs(10), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("the looping guest was never interrupted"))??;
+    assert_eq!(response.status().as_u16(), 500);
+    still_serves(&r).await?;
+    Ok(())
 }
 
 #[tokio::test]
