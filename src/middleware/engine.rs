@@ -144,20 +144,20 @@ impl Epochs {
     }
 
     /// Marks a guest call as running until the guard drops, waking the ticker if it sleeps.
-    pub fn enter(self: &Arc<Self>) -> Running {
+    pub fn enter(&self) -> Running<'_> {
         self.running.fetch_add(1, Ordering::SeqCst);
         if self.parked.load(Ordering::SeqCst)
             && let Some(thread) = self.thread.get()
         {
             thread.unpark();
         }
-        Running(self.clone())
+        Running(self)
     }
 }
 
-pub struct Running(Arc<Epochs>);
+pub struct Running<'a>(&'a Epochs);
 
-impl Drop for Running {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::SeqCst);
     }
