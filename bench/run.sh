@@ -178,6 +178,21 @@ alloc_port() {
 }
 
 # wait_ready PID URL [TIMEOUT]: until POST URL answers 2xx; fails early if PID exits.
+# Waits for every target in TARGETS to answer (up to $2 s each); those that do go into the
+# caller's `ready` array, the others are reported unavailable in group $1.
+ready_targets() {
+    local group=$1 timeout=$2 key logname
+    for key in "${TARGETS[@]}"; do
+        [ -z "${T_PID[$key]}" ] && { ready+=("$key"); continue; }
+        if wait_ready "${T_PID[$key]}" "${T_URL[$key]}" "$timeout"; then
+            ready+=("$key")
+        else
+            case $key in nginx) logname=nginx-proxy ;; sglang) logname=sglang-router ;; *) logname=$key ;; esac
+            unavailable "$group" "$key" "${T_LABEL[$key]}" "did not start or answer: $(last_line "$OUT/logs/$logname.log") (bench/out/logs/$logname.log)"
+        fi
+    done
+}
+
 wait_ready() {
     local pid=$1 url=$2 timeout=${3:-60}
     local deadline=$((SECONDS + timeout))
@@ -717,16 +732,7 @@ main() {
             add_target static slime-noop3 "slime-router + 3x noop.wasm" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
         fi
         local ready=()
-        for key in "${TARGETS[@]}"; do
-            [ -z "${T_PID[$key]}" ] && { ready+=("$key"); continue; }
-            if wait_ready "${T_PID[$key]}" "${T_URL[$key]}" 90; then
-                ready+=("$key")
-            else
-                local logname
-                case $key in nginx) logname=nginx-proxy ;; sglang) logname=sglang-router ;; *) logname=$key ;; esac
-                unavailable static "$key" "${T_LABEL[$key]}" "did not start or answer: $(last_line "$OUT/logs/$logname.log") (bench/out/logs/$logname.log)"
-            fi
-        done
+        ready_targets static 90
         run_group "${ready[@]}"
         if [ $PROFILE = 1 ]; then
             local prof=()
@@ -758,14 +764,7 @@ main() {
             add_target mock mock-radix "slime-router + radix_tree.wasm" "http://127.0.0.1:$port/generate" "$BODY_TEXT" "$LAST_PID"
         fi
         local ready=()
-        for key in "${TARGETS[@]}"; do
-            [ -z "${T_PID[$key]}" ] && { ready+=("$key"); continue; }
-            if wait_ready "${T_PID[$key]}" "${T_URL[$key]}" 60; then
-                ready+=("$key")
-            else
-                unavailable mock "$key" "${T_LABEL[$key]}" "did not start or answer: $(last_line "$OUT/logs/$key.log") (bench/out/logs/$key.log)"
-            fi
-        done
+        ready_targets mock 60
         run_group "${ready[@]}"
         local key_pids=()
         for key in "${ready[@]}"; do [ -n "${T_PID[$key]}" ] && key_pids+=("${T_PID[$key]}"); done
