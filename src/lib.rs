@@ -15,7 +15,6 @@ pub mod health;
 pub mod listen;
 pub mod metrics;
 pub mod middleware;
-pub mod mock_worker;
 pub mod pool;
 pub mod proxy;
 pub mod server;

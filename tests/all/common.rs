@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use mock_worker::{MockConfig, MockWorker};
 use serde_json::Value;
-use slime_router::mock_worker::{MockConfig, MockWorker};
 use slime_router::{Config, RunningRouter};
 
 pub struct TestRouter {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use guest_artifacts::{HOSTILE, PROBE};
+use mock_worker::MockConfig;
 use serde_json::{Value, json};
-use slime_router::mock_worker::MockConfig;
 
 use crate::common::{metric, mock, mock_with, mw, parse, router_mw};
 

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use mock_worker::MockConfig;
 use serde_json::json;
-use slime_router::mock_worker::MockConfig;
 
 use crate::common::{eventually, mock, mock_with, router, router_with};
 

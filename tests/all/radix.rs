@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
 use guest_artifacts::RADIX_TREE;
+use mock_worker::Tokenizer;
+use mock_worker::{MockConfig, MockWorker, mock_logprob};
 use serde_json::{Value, json};
-use slime_router::mock_worker::{MockConfig, MockWorker, mock_logprob};
-use slime_router::tokenizer::Tokenizer;
 
 use crate::common::{TestRouter, mock_with, mw, router};
 

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
+use mock_worker::MockConfig;
 use serde_json::json;
-use slime_router::mock_worker::MockConfig;
 
 use crate::common::{mock_with, router_with};
 

@@ -1,10 +1,10 @@
-//! A mock SGLang worker: `mock-worker --port 31001` (see `slime_router::mock_worker`).
+//! A mock SGLang worker: `mock-worker --port 31001` (see the `mock_worker` library).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use slime_router::mock_worker::{MockConfig, MockWorker, load_tokenizer};
+use mock_worker::{MockConfig, MockWorker, load_tokenizer};
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,210 @@
+//! `/generate`: a deterministic continuation in SGLang's response shape, whole or as
+//! server-sent events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::body::{MockBody, event_stream, json};
+use crate::{InFlightCount, MockConfig, State, lock};
+
+/// The continuation every mock generation draws from.
+const PHRASE: &str = " the quick brown fox jumps over the lazy dog and keeps running far away";
+
+/// What one generation produces, before it is shaped into JSON.
+struct Generation {
+    prompt_tokens: usize,
+    ids: Vec<u32>,
+    texts: Vec<String>,
+    logprob: bool,
+    weight_version: String,
+    routed_experts: Option<String>,
+}
+
+impl Generation {
+    /// SGLang's response for the first `n` tokens (streams send cumulative events).
+    fn to_json(&self, n: usize, finished: bool) -> Value {
+        let ids = &self.ids[..n];
+        let mut meta = json!({
+            "id": "mock",
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": n,
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
+            "finish_reason": if finished { json!({"type": "length", "length": n}) } else { Value::Null },
+        });
+        if self.logprob {
+            let logprobs: Vec<Value> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| json!([mock_logprob(i), id, null]))
+                .collect();
+            meta["output_token_logprobs"] = Value::Array(logprobs);
+        }
+        if let Some(experts) = &self.routed_experts {
+            meta["routed_experts"] = Value::String(experts.clone());
+        }
+        json!({"text": self.texts[..n].concat(), "output_ids": ids, "meta_info": meta})
+    }
+}
+
+/// A deterministic, clearly non-zero logprob for output position `i`.
+pub fn mock_logprob(i: usize) -> f64 {
+    -0.125 * (1 + i % 7) as f64
+}
+
+pub(crate) async fn generate(
+    config: &MockConfig,
+    state: &Arc<State>,
+    body: &[u8],
+    count: InFlightCount,
+) -> Response<MockBody> {
+    let request: Value = match serde_json::from_slice(body) {
+        Ok(value @ Value::Object(_)) => value,
+        _ => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "body must be a JSON object"}),
+            );
+        }
+    };
+    if config.failure_rate > 0.0 && fastrand::f64() < config.failure_rate {
+        return json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"error": "mock failure"}),
+        );
+    }
+    let generation = match plan(config, state, &request) {
+        Ok(generation) => generation,
+        Err(error) => return json(StatusCode::BAD_REQUEST, &json!({"error": error})),
+    };
+    let pace = (config.tokens_per_second > 0.0)
+        .then(|| Duration::from_secs_f64(1.0 / config.tokens_per_second));
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        return stream(generation, pace, count);
+    }
+    if let Some(pace) = pace {
+        tokio::time::sleep(pace * generation.ids.len() as u32).await;
+    }
+    json(
+        StatusCode::OK,
+        &generation.to_json(generation.ids.len(), true),
+    )
+}
+
+fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generation, String> {
+    let prompt = match (request.get("text"), request.get("input_ids")) {
+        (Some(Value::String(text)), _) => encode(config, text)?,
+        (_, Some(Value::Array(ids))) => ids
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or("input_ids must be u32")
+            })
+            .collect::<Result<Vec<u32>, _>>()?,
+        _ => return Err("request needs text or input_ids".to_owned()),
+    };
+    let max_new = request
+        .pointer("/sampling_params/max_new_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(16) as usize;
+    let ids = match lock(&state.scripted).take() {
+        Some(ids) => ids,
+        None => {
+            let start = prompt.iter().fold(prompt.len(), |h, &id| {
+                h.wrapping_mul(31).wrapping_add(id as usize)
+            }) % PHRASE.len();
+            let phrase = format!("{}{}", &PHRASE[start..], PHRASE);
+            let mut ids = encode(config, &phrase)?;
+            ids.truncate(max_new);
+            ids
+        }
+    };
+    let texts = ids
+        .iter()
+        .map(|&id| decode(config, &[id]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let texts = fix_split_chars(config, &ids, texts)?;
+    let logprob = request.get("return_logprob").and_then(Value::as_bool) == Some(true);
+    let weight_version = if config.weight_version.is_empty() {
+        "default".to_owned()
+    } else {
+        config.weight_version.clone()
+    };
+    let routed_experts = (config.routed_experts_bytes > 0)
+        .then(|| "QUJD".repeat(config.routed_experts_bytes.div_ceil(4)));
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        ids,
+        texts,
+        logprob,
+        weight_version,
+        routed_experts,
+    })
+}
+
+/// Per-token texts must concatenate to the decoded whole; tokens that split a character
+/// decode badly alone, so give the whole text to the last token in that case.
+fn fix_split_chars(
+    config: &MockConfig,
+    ids: &[u32],
+    texts: Vec<String>,
+) -> Result<Vec<String>, String> {
+    let whole = decode(config, ids)?;
+    if texts.concat() == whole {
+        return Ok(texts);
+    }
+    let mut fixed = vec![String::new(); ids.len()];
+    if let Some(last) = fixed.last_mut() {
+        *last = whole;
+    }
+    Ok(fixed)
+}
+
+fn encode(config: &MockConfig, text: &str) -> Result<Vec<u32>, String> {
+    match &config.tokenizer {
+        Some(tokenizer) => tokenizer.encode(text),
+        None => Ok(text.bytes().map(u32::from).collect()),
+    }
+}
+
+fn decode(config: &MockConfig, ids: &[u32]) -> Result<String, String> {
+    match &config.tokenizer {
+        Some(tokenizer) => tokenizer.decode(ids, true),
+        None => {
+            let bytes: Vec<u8> = ids
+                .iter()
+                .map(|&id| u8::try_from(id).unwrap_or(b'?'))
+                .collect();
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+    }
+}
+
+fn stream(
+    generation: Generation,
+    pace: Option<Duration>,
+    count: InFlightCount,
+) -> Response<MockBody> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let _count = count;
+        let total = generation.ids.len();
+        for n in 1..=total {
+            if let Some(pace) = pace {
+                tokio::time::sleep(pace).await;
+            }
+            let event = format!("data: {}\n\n", generation.to_json(n, n == total));
+            if tx.send(Bytes::from(event)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    });
+    event_stream(rx)
+}

@@ -1,0 +1,227 @@
+//! A mock SGLang worker for slime-router's tests, demos and benchmarks: `/generate` (text or
+//! input_ids, deterministic output in SGLang's response shape, SSE when `stream: true`),
+//! `/health` (switchable), `/get_model_info`, `/abort_request`, `/flush_cache`, and `/echo`,
+//! which answers with the request body byte for byte. It binds before it returns its URL, so
+//! a test never sleeps waiting for it.
+//!
+//! Per-request knobs (headers): `x-mock-delay-ms` delays the answer, `x-mock-status` forces
+//! a status. `POST /mock/health?healthy=false` makes `/health` answer 503 (and `=true` undoes
+//! it), for demos of the router's health checks.
+
+mod body;
+mod generate;
+mod routes;
+mod tokenizer;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+pub use generate::mock_logprob;
+pub use tokenizer::Tokenizer;
+
+/// How the mock behaves; defaults answer at once.
+#[derive(Clone, Default)]
+pub struct MockConfig {
+    /// Delay before every answer.
+    pub delay: Duration,
+    /// Fraction of /generate requests answered with 500.
+    pub failure_rate: f64,
+    /// Pace of streamed tokens (0 = as fast as possible); also paces non-streamed answers.
+    pub tokens_per_second: f64,
+    /// `meta_info.weight_version` to report.
+    pub weight_version: String,
+    /// Encode/decode with a real tokenizer; without one a token is a byte.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Keep every request for [`MockWorker::seen`] (tests); off for long benchmark runs.
+    pub record: bool,
+    /// Bytes of base64-like `meta_info.routed_experts` per answer (MoE routing replay makes
+    /// SGLang answers megabytes long); 0 leaves the field out.
+    pub routed_experts_bytes: usize,
+}
+
+/// One request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The request method.
+    pub method: Method,
+    /// Path and query as received.
+    pub path_and_query: String,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct State {
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+    requests: AtomicUsize,
+    seen: Mutex<Vec<Seen>>,
+    scripted: Mutex<Option<Vec<u32>>>,
+}
+
+/// A running mock worker; dropping it stops it.
+pub struct MockWorker {
+    addr: SocketAddr,
+    config: MockConfig,
+    state: Arc<State>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl MockWorker {
+    /// Starts on an ephemeral loopback port.
+    pub async fn start(config: MockConfig) -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+    }
+
+    /// Starts on `addr` (port 0 picks a free one).
+    pub async fn start_on(addr: SocketAddr, config: MockConfig) -> std::io::Result<Self> {
+        let state = Arc::new(State::default());
+        state.healthy.store(true, Ordering::Relaxed);
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let server = Some(tokio::spawn(serve(listener, config.clone(), state.clone())));
+        Ok(Self {
+            addr,
+            config,
+            state,
+            server,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the worker: stops listening and drops every open connection mid-request.
+    pub fn kill(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+
+    /// Serves again on the same port after [`kill`](Self::kill).
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        let listener = TcpListener::bind(self.addr).await?;
+        self.server = Some(tokio::spawn(serve(
+            listener,
+            self.config.clone(),
+            self.state.clone(),
+        )));
+        Ok(())
+    }
+
+    /// Makes `/health` answer 200 (true) or 503 (false).
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// The next /generate answers with exactly these output ids.
+    pub fn script_output(&self, ids: Vec<u32>) {
+        *lock(&self.state.scripted) = Some(ids);
+    }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests being answered now (a stream counts until its last event).
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The most requests ever in flight at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Every request received so far (kept only with `MockConfig::record`).
+    pub fn seen(&self) -> Vec<Seen> {
+        lock(&self.state.seen).clone()
+    }
+
+    /// The last request received (kept only with `MockConfig::record`).
+    pub fn last_seen(&self) -> Option<Seen> {
+        lock(&self.state.seen).last().cloned()
+    }
+}
+
+impl Drop for MockWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Loads a tokenizer for the mock (same file the router gets), for tests and demos.
+pub fn load_tokenizer(path: &Path) -> anyhow::Result<Arc<Tokenizer>> {
+    Ok(Arc::new(Tokenizer::load(path)?))
+}
+
+async fn serve(listener: TcpListener, config: MockConfig, state: Arc<State>) {
+    // Connection tasks live in this set so aborting the server drops them all (a "kill").
+    let mut connections = JoinSet::new();
+    let config = Arc::new(config);
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (config, state) = (config.clone(), state.clone());
+        let service = service_fn(move |req| {
+            let (config, state) = (config.clone(), state.clone());
+            async move { Ok::<_, Infallible>(routes::respond(&config, &state, req).await) }
+        });
+        connections.spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+/// Counts a request in flight until dropped (a stream's task holds it to its last event).
+struct InFlightCount(Arc<State>);
+
+impl InFlightCount {
+    fn enter(state: &Arc<State>) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlightCount {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

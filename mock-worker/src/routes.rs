@@ -1,0 +1,104 @@
+//! What the mock answers on each path.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::body::{MockBody, full, json};
+use crate::{InFlightCount, MockConfig, Seen, State, generate, lock};
+
+pub(crate) async fn respond(
+    config: &MockConfig,
+    state: &Arc<State>,
+    req: Request<Incoming>,
+) -> Response<MockBody> {
+    let count = InFlightCount::enter(state);
+    let (parts, body) = req.into_parts();
+    let Ok(body) = body.collect().await.map(|c| c.to_bytes()) else {
+        return json(
+            StatusCode::BAD_REQUEST,
+            &json!({"error": "unreadable body"}),
+        );
+    };
+    if config.record {
+        lock(&state.seen).push(Seen {
+            method: parts.method.clone(),
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            headers: parts.headers.clone(),
+            body: body.clone(),
+        });
+    }
+    let delay = header_number(&parts.headers, "x-mock-delay-ms")
+        .map_or(config.delay, Duration::from_millis);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(status) = header_number(&parts.headers, "x-mock-status")
+        .and_then(|s| u16::try_from(s).ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+    {
+        return json(status, &json!({"error": "forced by x-mock-status"}));
+    }
+    match (&parts.method, parts.uri.path()) {
+        (&Method::POST, "/mock/health") => {
+            // `?healthy=false` makes /health answer 503 until `?healthy=true` (demos, chaos).
+            let healthy = parts
+                .uri
+                .query()
+                .is_none_or(|q| !q.contains("healthy=false"));
+            state.healthy.store(healthy, Ordering::Relaxed);
+            json(StatusCode::OK, &json!({"healthy": healthy}))
+        }
+        (_, "/health" | "/health_generate") => {
+            if state.healthy.load(Ordering::Relaxed) {
+                json(StatusCode::OK, &json!({}))
+            } else {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &json!({"error": "unhealthy"}),
+                )
+            }
+        }
+        (&Method::POST, "/generate") => generate::generate(config, state, &body, count).await,
+        (_, "/get_model_info") => json(
+            StatusCode::OK,
+            &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true}),
+        ),
+        (_, "/abort_request" | "/flush_cache") => json(StatusCode::OK, &json!({"success": true})),
+        (_, "/echo") => echo(&parts, body),
+        _ => json(
+            StatusCode::NOT_FOUND,
+            &json!({"error": format!("mock has no {}", parts.uri.path())}),
+        ),
+    }
+}
+
+fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.parse().ok()
+}
+
+fn echo(parts: &http::request::Parts, body: Bytes) -> Response<MockBody> {
+    let mut response = Response::new(full(body));
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let headers = response.headers_mut();
+    if let Some(content_type) = parts.headers.get(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, content_type.clone());
+    }
+    if let Ok(method) = HeaderValue::from_str(parts.method.as_str()) {
+        headers.insert("x-echo-method", method);
+    }
+    if let Ok(path) = HeaderValue::from_str(path) {
+        headers.insert("x-echo-path", path);
+    }
+    response
+}
