@@ -144,9 +144,10 @@ async fn affinity_keeps_a_session_on_one_worker_and_spills_when_it_is_busy() -> 
     };
     let before = counts();
     let mut held = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
         held.push(tokio::spawn(slow(&r)));
-        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        let in_flight = || a.in_flight() + b.in_flight() + c.in_flight();
+        crate::common::eventually(2.0, async || Ok(in_flight() == i + 1)).await?;
     }
     for request in held {
         assert_eq!(request.await??.status().as_u16(), 200);

@@ -1,7 +1,5 @@
 //! Forwarding: bytes, methods and queries unchanged, least-in-flight spread, failover.
 
-use std::time::Duration;
-
 use anyhow::Result;
 use mock_worker::MockConfig;
 use serde_json::json;
@@ -165,10 +163,12 @@ async fn killing_a_worker_under_load_fails_no_request() -> Result<()> {
             (ok, failed)
         });
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both workers serve the load before the kill, and b serves it alone while a is dead.
+    eventually(3.0, async || Ok(a.requests() >= 20 && b.requests() >= 20)).await?;
     a.kill();
     eventually(3.0, async || Ok(!r.workers().await?[0].2)).await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let alone = b.requests();
+    eventually(3.0, async || Ok(b.requests() >= alone + 20)).await?;
     a.restart().await?;
     let before = a.requests();
     eventually(3.0, async || Ok(r.workers().await?[0].2)).await?;
@@ -210,7 +210,7 @@ async fn health_probes_do_not_queue_behind_proxied_traffic() -> Result<()> {
         .body("{\"text\":\"x\"}")
         .send();
     let busy = tokio::spawn(busy);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(2.0, async || Ok(a.in_flight() == 1)).await?;
     a.set_healthy(false);
     eventually(1.5, async || Ok(!r.workers().await?[0].2)).await?;
     assert_eq!(busy.await??.status().as_u16(), 200);

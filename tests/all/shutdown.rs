@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::common::{mock, router_with};
+use crate::common::{eventually, mock, router_with};
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() -> Result<()> {
@@ -22,7 +22,7 @@ async fn shutdown_lets_in_flight_requests_finish() -> Result<()> {
             .send()
             .await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    eventually(2.0, async || Ok(a.in_flight() == 1)).await?;
     r.router.shutdown().await;
     let response = slow.await??;
     assert_eq!(
@@ -73,7 +73,7 @@ async fn sigterm_drains_and_exits_zero() -> Result<()> {
             .body(json!({"text": "x"}).to_string())
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    eventually(2.0, async || Ok(a.in_flight() == 1)).await?;
     let pid = child.id().context("pid")?;
     // SAFETY: plain kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
