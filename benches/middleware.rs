@@ -7,9 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use http::Request;
-use slime_router::Config;
 use slime_router::metrics::Metrics;
-use slime_router::middleware::{Exchange, Pipeline};
+use slime_router::middleware::{Exchange, Pipeline, PipelineOptions};
 use slime_router::pool::Pool;
 use slime_router::tokenizer::Tokenizer;
 
@@ -29,11 +28,10 @@ fn pipeline(
     middleware: String,
     tokenizer: Option<Arc<Tokenizer>>,
 ) -> Pipeline {
-    let mut config = Config::for_tests();
-    config.slime_router_middleware_paths = vec![middleware];
+    let options = PipelineOptions::new(vec![middleware]);
     let metrics = Arc::new(Metrics::new());
     let pool = Arc::new(Pool::new(metrics.clone()));
-    match rt.block_on(Pipeline::load(&config, pool, metrics, tokenizer)) {
+    match rt.block_on(Pipeline::load(&options, pool, metrics, tokenizer)) {
         Ok(pipeline) => pipeline,
         Err(e) => panic!("cannot load middleware: {e:#}"),
     }

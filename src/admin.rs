@@ -7,10 +7,12 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use serde_json::json;
 
+use crate::app::App;
 use crate::body::RouterBody;
 use crate::error::{RouterError, json_response};
-use crate::pool::{Pool, WorkerUrl};
-use crate::server::App;
+use crate::pool::Pool;
+use crate::request::read_request;
+use crate::worker::{Worker, WorkerUrl};
 
 /// Admin bodies are a url or two; anything bigger is a mistake.
 const ADMIN_BODY_LIMIT: usize = 1 << 20;
@@ -131,7 +133,7 @@ pub async fn serve(
             ))
         }
         (Route::Metrics, Method::GET) => {
-            let text = app.metrics().render(app.pool());
+            let text = app.metrics().render();
             let mut response = Response::new(RouterBody::full(Bytes::from(text)));
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -179,7 +181,7 @@ fn not_found(url: &str) -> RouterError {
     RouterError::NotFound(format!("Worker {url} not found"))
 }
 
-fn worker_entry(worker: &crate::pool::Worker) -> serde_json::Value {
+fn worker_entry(worker: &Worker) -> serde_json::Value {
     json!({
         "url": worker.url(),
         "worker_type": "regular",
@@ -263,9 +265,7 @@ async fn workers_post_body(
 async fn json_body(
     req: Request<Incoming>,
 ) -> Result<serde_json::Map<String, serde_json::Value>, RouterError> {
-    let bytes =
-        crate::body::read_request(&http::HeaderMap::new(), req.into_body(), ADMIN_BODY_LIMIT)
-            .await?;
+    let bytes = read_request(&http::HeaderMap::new(), req.into_body(), ADMIN_BODY_LIMIT).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }

@@ -1,35 +1,34 @@
-//! Bodies: reading a client's request body under the size cap, and the response body type
-//! the server sends: a buffered body, a worker's body streamed through untouched (carrying
-//! the in-flight guard, permit and connection until it ends or is dropped), or frames
-//! produced by a streaming middleware task.
+//! The response body the server sends: a buffered body, a worker's body streamed through
+//! untouched (carrying the in-flight guard, permit and connection until it ends or is
+//! dropped), or frames produced by a streaming middleware task.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, Sleep};
 
-use crate::error::RouterError;
-use crate::pool::InFlight;
 use crate::upstream::Conn;
+use crate::worker::InFlight;
 
+/// Why a response body stopped early.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything a proxied request holds until its response body is finished: the worker's
 /// in-flight slot, the connection permit, and the connection itself.
 pub struct Lease {
+    /// The worker's in-flight slot.
     pub slot: InFlight,
     _permit: OwnedSemaphorePermit,
     conn: Option<Conn>,
 }
 
 impl Lease {
+    /// Holds all three until the body ends.
     pub fn new(slot: InFlight, permit: OwnedSemaphorePermit, conn: Conn) -> Self {
         Self {
             slot,
@@ -47,21 +46,29 @@ impl Lease {
     }
 }
 
+/// Every response the router sends has this body.
 pub enum RouterBody {
+    /// Bytes at once (the router's own answers, buffered middleware results).
     Full(Option<Bytes>),
+    /// A worker's body, frame by frame.
     Upstream(UpstreamBody),
+    /// Frames from a task (event streams through middleware).
     Channel(mpsc::Receiver<Result<Frame<Bytes>, BodyError>>),
 }
 
 impl RouterBody {
+    /// A body of these bytes.
     pub fn full(bytes: Bytes) -> Self {
         Self::Full((!bytes.is_empty()).then_some(bytes))
     }
 
+    /// No body.
     pub fn empty() -> Self {
         Self::Full(None)
     }
 
+    /// A worker's body passed through, holding `lease` until it ends; with `idle_timeout`,
+    /// a worker that sends nothing for that long ends it with an error.
     pub fn upstream(inner: Incoming, lease: Lease, idle_timeout: Option<Duration>) -> Self {
         let idle = idle_timeout.map(|limit| IdleTimer {
             limit,
@@ -163,61 +170,6 @@ impl Body for RouterBody {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Upstream(upstream) => upstream.inner.size_hint(),
             Self::Channel(_) => SizeHint::default(),
-        }
-    }
-}
-
-/// How much of an oversized body is still read (and thrown away) so the client, which is
-/// usually still sending, receives the 413 instead of a connection reset.
-const DRAIN_LIMIT: usize = 64 << 20;
-
-/// Reads a whole request body, refusing more than `limit` bytes (413).
-pub async fn read_request(
-    headers: &HeaderMap,
-    mut body: Incoming,
-    limit: usize,
-) -> Result<Bytes, RouterError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|len| len > limit) {
-        if declared.is_some_and(|len| len - limit <= DRAIN_LIMIT) {
-            drain(&mut body, limit.saturating_add(DRAIN_LIMIT)).await;
-        }
-        return Err(RouterError::BodyTooLarge { limit });
-    }
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            RouterError::BadRequest(format!("could not read the request body: {e}"))
-        })?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len();
-        if total > limit {
-            drain(&mut body, DRAIN_LIMIT).await;
-            return Err(RouterError::BodyTooLarge { limit });
-        }
-        chunks.push(data);
-    }
-    // One frame (the usual case) is returned as is, without a copy.
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.swap_remove(0),
-        _ => Bytes::from(chunks.concat()),
-    })
-}
-
-/// Reads and discards up to `budget` more bytes.
-async fn drain(body: &mut Incoming, budget: usize) {
-    let mut seen = 0usize;
-    while seen <= budget {
-        match body.frame().await {
-            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, Bytes::len),
-            _ => return,
         }
     }
 }

@@ -110,14 +110,17 @@ impl Config {
         config
     }
 
+    /// `--slime-router-timeout` as a duration.
     pub fn upstream_timeout(&self) -> Option<Duration> {
         self.slime_router_timeout.map(Duration::from_secs_f64)
     }
 
+    /// `--rollout-health-check-interval` as a duration.
     pub fn health_interval(&self) -> Duration {
         Duration::from_secs_f64(self.rollout_health_check_interval)
     }
 
+    /// `--max-request-body-mib` in bytes.
     pub fn max_request_body_bytes(&self) -> usize {
         usize::try_from(self.max_request_body_mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
     }

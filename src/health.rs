@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::pool::{Pool, Transition, Worker};
+use crate::background::AbortOnDrop;
+use crate::pool::Pool;
+use crate::worker::{Transition, Worker};
 
 #[derive(Clone)]
 pub struct Prober {
@@ -93,7 +95,8 @@ impl ProbeNow {
     }
 }
 
-/// Runs probe rounds every `interval`, and single probes on request, until dropped.
+/// Runs probe rounds every `interval`, and single probes on request, until dropped. Rounds
+/// and single probes are owned by this loop and aborted with it.
 pub async fn run(
     prober: Prober,
     pool: Arc<Pool>,
@@ -105,19 +108,21 @@ pub async fn run(
     ticker.tick().await;
     // Rounds run beside the loop so a slow round never delays a requested probe; a round
     // still running when the next tick comes is not doubled.
-    let mut round: Option<tokio::task::JoinHandle<()>> = None;
+    let mut round: Option<AbortOnDrop<()>> = None;
+    let mut single = JoinSet::new();
     loop {
         tokio::select! {
             _ = ticker.tick() => {
-                if round.as_ref().is_none_or(|r| r.is_finished()) {
+                if round.as_ref().is_none_or(AbortOnDrop::is_finished) {
                     let (prober, pool) = (prober.clone(), pool.clone());
-                    round = Some(tokio::spawn(async move { prober.round(&pool).await }));
+                    round = Some(AbortOnDrop::spawn(async move { prober.round(&pool).await }));
                 }
             }
             Some(worker) = now.recv() => {
                 let prober = prober.clone();
-                tokio::spawn(async move { prober.probe(&worker).await });
+                single.spawn(async move { prober.probe(&worker).await });
             }
+            Some(_) = single.join_next(), if !single.is_empty() => {}
         }
     }
 }

@@ -1,25 +1,36 @@
 //! slime-router: a drop-in replacement for slime's SlimeRouter, with least-in-flight
 //! routing, health checks and a pipeline of sandboxed WebAssembly middleware.
 //!
-//! The data path, in the order a request meets it: [`server`] accepts and routes,
-//! [`middleware`] runs the guest pipeline, [`pool`] picks a worker, [`proxy`] forwards and
-//! streams the answer back in a [`body::RouterBody`]. Beside it: [`admin`], [`fanout`],
-//! [`health`], [`metrics`], [`tokenizer`].
+//! The data path, in the order a request meets it: `server` accepts, `dispatch` routes it
+//! (the router's own endpoints in `admin`), `request` reads its body, `middleware` runs the
+//! guest pipeline, [`pool`] picks a worker with a [`policy`], `proxy` forwards over
+//! `upstream` connections and `body` streams the answer back. Beside it: `health`,
+//! `fanout`, [`metrics`], [`tokenizer`].
+//!
+//! The public surface is what the binary, the integration tests and the benchmarks use:
+//! [`RunningRouter`] and its [`Config`], and the pieces the micro-benchmarks drive directly.
+#![warn(missing_docs)]
 
-pub mod admin;
-pub mod body;
+mod admin;
+mod app;
+mod background;
+mod body;
 pub mod config;
-pub mod error;
-pub mod fanout;
-pub mod health;
-pub mod listen;
+mod dispatch;
+mod error;
+mod fanout;
+mod health;
+mod listen;
 pub mod metrics;
 pub mod middleware;
+pub mod policy;
 pub mod pool;
-pub mod proxy;
-pub mod server;
+mod proxy;
+mod request;
+mod server;
 pub mod tokenizer;
-pub mod upstream;
+mod upstream;
+pub mod worker;
 
 pub use config::Config;
 pub use server::RunningRouter;

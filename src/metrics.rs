@@ -1,7 +1,12 @@
 //! Prometheus metrics, all under the `slime_router_` prefix. Hot-path handles (per-worker
 //! counters, the latency histogram) are cloned once and then cost one atomic op per use.
+//! Values owned elsewhere (the pool's per-worker gauges) come in as collectors sampled at
+//! scrape time, so this module knows nothing of the types behind them.
 
+use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+
+use prometheus_client::collector::Collector;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -11,49 +16,51 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::pool::Pool;
-
+/// `{worker="http://host:port"}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabel {
+    /// The worker's canonical url.
     pub worker: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MiddlewareLabel {
-    pub middleware: String,
-    pub kind: String,
+struct MiddlewareLabel {
+    middleware: String,
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MiddlewareName {
-    pub middleware: String,
+struct MiddlewareName {
+    middleware: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HookLabel {
-    pub middleware: String,
-    pub hook: String,
+struct HookLabel {
+    middleware: String,
+    hook: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GuestMetricLabel {
-    pub middleware: String,
-    pub name: String,
+struct GuestMetricLabel {
+    middleware: String,
+    name: String,
 }
 
 /// Counters a worker increments on the hot path.
 #[derive(Clone, Debug, Default)]
 pub struct WorkerCounters {
+    /// Requests sent to it.
     pub requests: Counter,
+    /// Connect and transport failures.
     pub failures: Counter,
 }
 
+/// Every metric the router exports.
 pub struct Metrics {
-    registry: Registry,
+    /// Locked only to register a collector (startup) and to render a scrape.
+    registry: Mutex<Registry>,
     requests: Family<WorkerLabel, Counter>,
     failures: Family<WorkerLabel, Counter>,
-    in_flight: Family<WorkerLabel, Gauge>,
-    healthy: Family<WorkerLabel, Gauge>,
     latency: Histogram,
     middleware_failures: Family<MiddlewareLabel, Counter>,
     hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram>,
@@ -69,12 +76,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every family registered, all empty.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("slime_router");
         let requests = Family::<WorkerLabel, Counter>::default();
         let failures = Family::<WorkerLabel, Counter>::default();
-        let in_flight = Family::<WorkerLabel, Gauge>::default();
-        let healthy = Family::<WorkerLabel, Gauge>::default();
         // 100 us .. ~27 min: covers a proxied health check and a long generation alike.
         let latency = Histogram::new(exponential_buckets(0.0001, 2.5, 18));
         let middleware_failures = Family::<MiddlewareLabel, Counter>::default();
@@ -89,16 +95,6 @@ impl Metrics {
             "request_failures",
             "Connect or transport failures per worker",
             failures.clone(),
-        );
-        registry.register(
-            "worker_in_flight",
-            "Requests in flight per worker",
-            in_flight.clone(),
-        );
-        registry.register(
-            "worker_healthy",
-            "1 when the worker is live, 0 when DEAD",
-            healthy.clone(),
         );
         registry.register(
             "request_duration_seconds",
@@ -131,11 +127,9 @@ impl Metrics {
             guest_gauges.clone(),
         );
         Self {
-            registry,
+            registry: Mutex::new(registry),
             requests,
             failures,
-            in_flight,
-            healthy,
             latency,
             middleware_failures,
             hook_seconds,
@@ -145,6 +139,18 @@ impl Metrics {
         }
     }
 
+    /// Adds metrics sampled at each scrape from state owned elsewhere.
+    pub fn register_collector(&self, collector: Box<dyn Collector>) {
+        self.registry().register_collector(collector);
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The request and failure counters of the worker at `url`.
     pub fn worker_counters(&self, url: &str) -> WorkerCounters {
         let label = WorkerLabel {
             worker: url.to_owned(),
@@ -155,6 +161,7 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a worker that was removed.
     pub fn forget_worker(&self, url: &str) {
         let label = WorkerLabel {
             worker: url.to_owned(),
@@ -162,15 +169,14 @@ impl Metrics {
         for family in [&self.requests, &self.failures] {
             family.remove(&label);
         }
-        for family in [&self.in_flight, &self.healthy] {
-            family.remove(&label);
-        }
     }
 
+    /// The request-duration histogram (one for all workers).
     pub fn latency(&self) -> Histogram {
         self.latency.clone()
     }
 
+    /// Counts one failed middleware call of this kind.
     pub fn middleware_failure(&self, middleware: &str, kind: &str) {
         let label = MiddlewareLabel {
             middleware: middleware.to_owned(),
@@ -214,21 +220,11 @@ impl Metrics {
         self.guest_gauges.get_or_create(&label).clone()
     }
 
-    /// The text exposition, with worker gauges sampled from the pool now.
-    pub fn render(&self, pool: &Pool) -> String {
-        for worker in pool.snapshot().iter() {
-            let label = WorkerLabel {
-                worker: worker.url().to_owned(),
-            };
-            let in_flight = i64::try_from(worker.in_flight()).unwrap_or(i64::MAX);
-            self.in_flight.get_or_create(&label).set(in_flight);
-            self.healthy
-                .get_or_create(&label)
-                .set(i64::from(worker.is_live()));
-        }
+    /// The text exposition.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String only fails if an encoder is broken; keep what was written.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &self.registry());
         out
     }
 }

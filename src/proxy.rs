@@ -15,8 +15,10 @@ use tokio::sync::Semaphore;
 
 use crate::body::Lease;
 use crate::error::RouterError;
-use crate::pool::{InFlight, Pool, RouteHint, Transition, Worker};
+use crate::policy::{RouteHint, Routing};
+use crate::pool::Pool;
 use crate::upstream::{Conn, Connections};
+use crate::worker::{InFlight, Transition, Worker};
 
 /// Attempts for a request whose worker failed after it was sent (connect failures, where
 /// nothing was sent, may try every live worker).
@@ -84,7 +86,15 @@ impl Proxy {
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = RouterError::NoLiveWorker;
         let mut sent_attempts = 0;
-        while let Some(slot) = pool.pick(out.hint.as_ref(), &tried) {
+        loop {
+            let routing = Routing {
+                path: out.path.path(),
+                headers: &out.headers,
+                body: &out.body,
+            };
+            let Some(slot) = pool.pick(&routing, out.hint.as_ref(), &tried) else {
+                break;
+            };
             let failure = match self.attempt(out, &slot).await {
                 Ok((response, conn)) => {
                     return Ok(Answer {
@@ -177,8 +187,13 @@ impl Proxy {
     }
 
     /// Sends `out` to one specific worker and reads the whole answer, outside the in-flight
-    /// accounting (fan-out).
+    /// accounting (fan-out) but within the connection limit.
     pub async fn send_to(&self, worker: &Worker, out: &Outbound) -> Result<(u16, Bytes), String> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| "router is shutting down".to_owned())?;
         let call = async {
             let (response, conn) =
                 self.exchange(worker, out)

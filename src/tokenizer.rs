@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use tokenizers::DecoderWrapper;
 
+/// A tokenizer.json loaded with padding and truncation off.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Byte length of each id's text for byte-level decoders, where a token's bytes are a
@@ -54,6 +55,7 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// The text of `ids`; with `skip_special`, special tokens add nothing.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, String> {
         self.inner
             .decode(ids, skip_special)

@@ -11,7 +11,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::pool::Worker;
+use crate::worker::Worker;
 
 /// Bounds connecting to a worker that silently drops packets.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +60,7 @@ impl Connections {
 
     /// An idle connection to `worker`, or a new one.
     pub async fn get(self: &Arc<Self>, worker: &Worker) -> Result<Conn, String> {
-        while let Some(mut sender) = self.pop(worker.id()) {
+        while let Some(mut sender) = self.pop(worker.index()) {
             if sender.ready().await.is_ok() {
                 return Ok(self.conn(sender, worker, true));
             }
@@ -102,7 +102,7 @@ impl Connections {
         Conn {
             sender,
             reused,
-            worker: worker.id(),
+            worker: worker.index(),
             home: self.clone(),
         }
     }

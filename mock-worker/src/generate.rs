@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::body::{MockBody, event_stream, json};
-use crate::{InFlightCount, MockConfig, State, lock};
+use crate::state::{InFlightCount, MockConfig, State, lock};
 
 /// The continuation every mock generation draws from.
 const PHRASE: &str = " the quick brown fox jumps over the lazy dog and keeps running far away";

@@ -11,17 +11,15 @@
 mod body;
 mod generate;
 mod routes;
+mod state;
 mod tokenizer;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -29,50 +27,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 pub use generate::mock_logprob;
+pub use state::{MockConfig, Seen};
 pub use tokenizer::Tokenizer;
 
-/// How the mock behaves; defaults answer at once.
-#[derive(Clone, Default)]
-pub struct MockConfig {
-    /// Delay before every answer.
-    pub delay: Duration,
-    /// Fraction of /generate requests answered with 500.
-    pub failure_rate: f64,
-    /// Pace of streamed tokens (0 = as fast as possible); also paces non-streamed answers.
-    pub tokens_per_second: f64,
-    /// `meta_info.weight_version` to report.
-    pub weight_version: String,
-    /// Encode/decode with a real tokenizer; without one a token is a byte.
-    pub tokenizer: Option<Arc<Tokenizer>>,
-    /// Keep every request for [`MockWorker::seen`] (tests); off for long benchmark runs.
-    pub record: bool,
-    /// Bytes of base64-like `meta_info.routed_experts` per answer (MoE routing replay makes
-    /// SGLang answers megabytes long); 0 leaves the field out.
-    pub routed_experts_bytes: usize,
-}
-
-/// One request as the mock received it.
-#[derive(Clone, Debug)]
-pub struct Seen {
-    /// The request method.
-    pub method: Method,
-    /// Path and query as received.
-    pub path_and_query: String,
-    /// Headers as received.
-    pub headers: HeaderMap,
-    /// The whole body.
-    pub body: Bytes,
-}
-
-#[derive(Default)]
-struct State {
-    healthy: AtomicBool,
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-    requests: AtomicUsize,
-    seen: Mutex<Vec<Seen>>,
-    scripted: Mutex<Option<Vec<u32>>>,
-}
+use state::{State, lock};
 
 /// A running mock worker; dropping it stops it.
 pub struct MockWorker {
@@ -174,12 +132,6 @@ impl Drop for MockWorker {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// Loads a tokenizer for the mock (same file the router gets), for tests and demos.
 pub fn load_tokenizer(path: &Path) -> anyhow::Result<Arc<Tokenizer>> {
     Ok(Arc::new(Tokenizer::load(path)?))
@@ -205,23 +157,5 @@ async fn serve(listener: TcpListener, config: MockConfig, state: Arc<State>) {
                 .await;
         });
         while connections.try_join_next().is_some() {}
-    }
-}
-
-/// Counts a request in flight until dropped (a stream's task holds it to its last event).
-struct InFlightCount(Arc<State>);
-
-impl InFlightCount {
-    fn enter(state: &Arc<State>) -> Self {
-        let now = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        state.max_in_flight.fetch_max(now, Ordering::Relaxed);
-        state.requests.fetch_add(1, Ordering::Relaxed);
-        Self(state.clone())
-    }
-}
-
-impl Drop for InFlightCount {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -11,7 +11,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{MockBody, full, json};
-use crate::{InFlightCount, MockConfig, Seen, State, generate, lock};
+use crate::generate;
+use crate::state::{InFlightCount, MockConfig, Seen, State, lock};
 
 pub(crate) async fn respond(
     config: &MockConfig,

@@ -32,23 +32,54 @@ pub struct Shared {
     pub timers: HookTimers,
 }
 
+/// The guest calls the router makes per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    Request,
+    Response,
+    Chunk,
+    Handle,
+}
+
+impl Hook {
+    /// The WIT name, used in logs and as the `hook` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Request => "on-request",
+            Self::Response => "on-response",
+            Self::Chunk => "on-response-chunk",
+            Self::Handle => "handle",
+        }
+    }
+}
+
 /// Per-hook latency histograms, looked up once so timing a call costs no label lookup.
 pub struct HookTimers {
-    pub request: Histogram,
-    pub response: Histogram,
-    pub chunk: Histogram,
-    pub handle: Histogram,
+    request: Histogram,
+    response: Histogram,
+    chunk: Histogram,
+    handle: Histogram,
     pub tokenizer: Counter<f64, AtomicU64>,
 }
 
 impl HookTimers {
     pub fn new(metrics: &Metrics, middleware: &str) -> Self {
+        let timer = |hook: Hook| metrics.hook_timer(middleware, hook.name());
         Self {
-            request: metrics.hook_timer(middleware, "on-request"),
-            response: metrics.hook_timer(middleware, "on-response"),
-            chunk: metrics.hook_timer(middleware, "on-response-chunk"),
-            handle: metrics.hook_timer(middleware, "handle"),
+            request: timer(Hook::Request),
+            response: timer(Hook::Response),
+            chunk: timer(Hook::Chunk),
+            handle: timer(Hook::Handle),
             tokenizer: metrics.tokenizer_timer(middleware),
+        }
+    }
+
+    pub fn of(&self, hook: Hook) -> &Histogram {
+        match hook {
+            Hook::Request => &self.request,
+            Hook::Response => &self.response,
+            Hook::Chunk => &self.chunk,
+            Hook::Handle => &self.handle,
         }
     }
 }

@@ -4,14 +4,14 @@
 //! away and rebuilt on next use.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::anyhow;
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::{FailureMode, Handler, Hooks, Manifest, Middleware, MiddlewarePre};
 use super::engine::Epochs;
-use super::host::{HookTimers, HostState, Shared};
+use super::host::{Hook, HookTimers, HostState, Shared};
 
 /// Idle instances kept per stateless middleware.
 const POOL_IDLE: usize = 16;
@@ -32,8 +32,51 @@ impl Slot {
 /// Why a call failed, for logs, metrics and the 500 body.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    pub kind: &'static str,
+    pub kind: FailureKind,
     pub reason: String,
+}
+
+/// What went wrong in a middleware call; `label` is the `kind` on /metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The call ran out of its CPU budget.
+    Deadline,
+    /// The guest hit its memory cap.
+    Memory,
+    /// The guest trapped.
+    Trap,
+    /// A fresh instance could not be made.
+    Instantiate,
+    /// The guest returned a patch the host cannot apply.
+    InvalidPatch,
+    /// The guest answered with an invalid reply.
+    InvalidReply,
+    /// The client's body is not what the middleware's edit needs: the client's fault, not
+    /// the middleware's (400, never counted as a failure).
+    BadRequest,
+}
+
+impl FailureKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Deadline => "deadline",
+            Self::Memory => "memory",
+            Self::Trap => "trap",
+            Self::Instantiate => "instantiate",
+            Self::InvalidPatch => "invalid-patch",
+            Self::InvalidReply => "invalid-reply",
+            Self::BadRequest => "bad-request",
+        }
+    }
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, reason: impl Into<String>) -> Self {
+        Self {
+            kind,
+            reason: reason.into(),
+        }
+    }
 }
 
 enum Slots {
@@ -150,16 +193,51 @@ impl Guest {
         }
     }
 
+    /// One hook call: runs `call` on an instance, then `apply` on what it returned (the
+    /// host's part: applying a patch, building a reply), times both on the hook's histogram,
+    /// and reports a failure to the metrics and the log.
+    pub async fn hook<R, T>(
+        &self,
+        hook: Hook,
+        input: usize,
+        call: impl AsyncFnOnce(&mut Slot) -> wasmtime::Result<R>,
+        apply: impl FnOnce(R) -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let started = Instant::now();
+        let result = self.call(input, call).await.and_then(apply);
+        self.timers()
+            .of(hook)
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(failure) = &result
+            && failure.kind != FailureKind::BadRequest
+        {
+            self.report(hook, failure);
+        }
+        result
+    }
+
+    fn report(&self, hook: Hook, failure: &Failure) {
+        let shared = &self.factory.shared;
+        shared
+            .metrics
+            .middleware_failure(&shared.name, failure.kind.label());
+        tracing::warn!(
+            middleware = self.name(),
+            hook = hook.name(),
+            kind = failure.kind.label(),
+            reason = %failure.reason,
+            fail_open = self.fails_open(),
+            "middleware failed; instance will be rebuilt"
+        );
+    }
+
     async fn rebuild(&self) -> Result<Slot, Failure> {
         tracing::debug!(middleware = self.name(), "instantiating");
         self.factory
             .instantiate()
             .await
             .map(|(slot, _)| slot)
-            .map_err(|e| Failure {
-                kind: "instantiate",
-                reason: describe(&e),
-            })
+            .map_err(|e| Failure::new(FailureKind::Instantiate, describe(&e)))
     }
 }
 
@@ -179,16 +257,13 @@ async fn run<R>(
         Err(error) => {
             let state = slot.store.data();
             let kind = if state.budget.exceeded {
-                "deadline"
+                FailureKind::Deadline
             } else if state.limits.memory_hit {
-                "memory"
+                FailureKind::Memory
             } else {
-                "trap"
+                FailureKind::Trap
             };
-            Err(Failure {
-                kind,
-                reason: describe(&error),
-            })
+            Err(Failure::new(kind, describe(&error)))
         }
     }
 }

@@ -12,36 +12,40 @@ mod stream;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, Response, StatusCode, header};
+use http::{HeaderMap, Response, header};
 use http_body_util::BodyExt;
 
-use self::bindings::{Hooks, Reply, Request, RequestAction, RequestPatch, ResponsePatch};
-use self::edit::{EditError, PROJECT_ABOVE, apply_body, apply_headers, project};
+use self::bindings::{Hooks, Request, RequestAction};
+use self::edit::{
+    PROJECT_ABOVE, apply_request_patch, apply_response_patch, project, reply_response,
+};
 use self::engine::Engine;
-use self::host::{HookTimers, Shared};
-use self::instance::{Factory, Failure, Guest};
-use crate::body::RouterBody;
-use crate::config::Config;
+use self::host::{Hook, HookTimers, Shared};
+use self::instance::{Factory, Failure, FailureKind, Guest};
+use crate::body::{Lease, RouterBody};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::pool::{Pool, RouteHint, WorkerUrl};
+use crate::pool::Pool;
 use crate::proxy::{Answer, Outbound};
 use crate::tokenizer::Tokenizer;
 
 /// A request on its way through the pipeline.
 pub struct Exchange {
+    /// Router-assigned, unique for the router's lifetime.
     pub id: u64,
+    /// The request as it will go to a worker (patched by `on-request` hooks).
     pub out: Outbound,
     /// Per-middleware bytes kept between hooks (`request-patch.stash`), by load index.
     stashes: Vec<Option<Vec<u8>>>,
 }
 
 impl Exchange {
+    /// The client's request, not yet seen by any middleware.
     pub fn new(id: u64, parts: http::request::Parts, body: Bytes) -> Self {
         let path = parts
             .uri
@@ -85,9 +89,31 @@ impl Exchange {
     }
 }
 
+/// How middleware is loaded and bounded.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// `path.wasm` or `path.wasm?config`, in pipeline order.
+    pub specs: Vec<String>,
+    /// Linear memory cap per instance, in bytes.
+    pub memory_cap: usize,
+    /// Guest CPU time per call, before the allowance for its input.
+    pub deadline: Duration,
+}
+
+impl PipelineOptions {
+    /// These middleware with the router's default limits (256 MiB, 5 ms).
+    pub fn new(specs: Vec<String>) -> Self {
+        Self {
+            specs,
+            memory_cap: 256 << 20,
+            deadline: Duration::from_millis(5),
+        }
+    }
+}
+
+/// The loaded middleware, in pipeline order.
 pub struct Pipeline {
     guests: Vec<Arc<Guest>>,
-    metrics: Arc<Metrics>,
     _engine: Option<Engine>,
 }
 
@@ -100,53 +126,41 @@ const RESERVED: &[&str] = &[
     "/metrics",
 ];
 
+/// Everything a response hook reads besides its own stash.
+struct ResponseView<'a> {
+    head: Request<'a>,
+    worker: &'a str,
+    streaming: bool,
+}
+
 impl Pipeline {
-    /// Compiles, instantiates and initialises every middleware in `config`, in order.
+    /// Compiles, instantiates and initialises every middleware of `options`, in order.
     pub async fn load(
-        config: &Config,
+        options: &PipelineOptions,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
         tokenizer: Option<Arc<Tokenizer>>,
     ) -> anyhow::Result<Self> {
-        let specs = &config.slime_router_middleware_paths;
-        if specs.is_empty() {
+        if options.specs.is_empty() {
             return Ok(Self {
                 guests: Vec::new(),
-                metrics,
                 _engine: None,
             });
         }
-        let memory_cap = usize::try_from(config.middleware_memory_mib << 20).unwrap_or(usize::MAX);
-        let deadline = Duration::from_secs_f64(config.middleware_deadline_ms / 1000.0);
-        let engine = Engine::new(specs.len(), memory_cap, deadline)?;
+        let loader = Loader {
+            engine: Engine::new(options.specs.len(), options.memory_cap, options.deadline)?,
+            options,
+            pool,
+            metrics,
+            tokenizer,
+        };
         let mut guests: Vec<Arc<Guest>> = Vec::new();
-        for spec in specs {
-            let (file, guest_config) = spec.split_once('?').unwrap_or((spec, ""));
-            let load = async {
-                let pre = engine.prepare(Path::new(file))?;
-                let factory = |name: String, metrics: Arc<Metrics>| Factory {
-                    engine: engine.wasmtime().clone(),
-                    epochs: engine.epochs().clone(),
-                    pre: pre.clone(),
-                    config: guest_config.to_owned(),
-                    shared: Arc::new(Shared {
-                        timers: HookTimers::new(&metrics, &name),
-                        name,
-                        metrics,
-                        pool: pool.clone(),
-                        tokenizer: tokenizer.clone(),
-                    }),
-                    memory_cap,
-                    deadline,
-                };
-                // A first instance reads the manifest; it reports into throwaway metrics,
-                // since its name (the file's) is not the one the middleware gives itself.
-                let probe = Guest::load(factory(file_stem(file), Arc::new(Metrics::new()))).await?;
-                let name = probe.manifest.name.clone();
-                validate(&probe, &guests)?;
-                Guest::load(factory(name, metrics.clone())).await
-            };
-            let guest = load.await.with_context(|| format!("middleware {file}"))?;
+        for spec in &options.specs {
+            let (file, config) = spec.split_once('?').unwrap_or((spec, ""));
+            let guest = loader
+                .load(file, config, &guests)
+                .await
+                .with_context(|| format!("middleware {file}"))?;
             tracing::info!(
                 middleware = guest.name(),
                 file,
@@ -158,32 +172,20 @@ impl Pipeline {
         }
         Ok(Self {
             guests,
-            metrics,
-            _engine: Some(engine),
+            _engine: Some(loader.engine),
         })
     }
 
-    fn report(&self, guest: &Guest, hook: &str, failure: &Failure) {
-        self.metrics.middleware_failure(guest.name(), failure.kind);
-        tracing::warn!(
-            middleware = guest.name(),
-            hook,
-            kind = failure.kind,
-            reason = %failure.reason,
-            fail_open = guest.fails_open(),
-            "middleware failed; instance will be rebuilt"
-        );
-    }
-
-    fn failed(&self, guest: &Guest, hook: &str, failure: Failure) -> Result<(), RouterError> {
-        self.report(guest, hook, &failure);
-        if guest.fails_open() {
-            return Ok(());
+    /// A failure's effect on the request: skipped when the middleware fails open.
+    fn failed(&self, guest: &Guest, failure: Failure) -> Result<(), RouterError> {
+        match failure.kind {
+            FailureKind::BadRequest => Err(RouterError::BadRequest(failure.reason)),
+            _ if guest.fails_open() => Ok(()),
+            _ => Err(RouterError::Middleware {
+                name: guest.name().to_owned(),
+                reason: failure.reason,
+            }),
         }
-        Err(RouterError::Middleware {
-            name: guest.name().to_owned(),
-            reason: failure.reason,
-        })
     }
 
     /// Runs the request hooks; `Some` is a middleware's own answer.
@@ -196,40 +198,34 @@ impl Pipeline {
             if !guest.wants_any(hooks) || !guest.applies_to(ex.out.path.path()) {
                 continue;
             }
-            let started = Instant::now();
             let headers = wit_headers(&ex.out.headers);
             let request = ex.wit_request(&headers, guest.wants(Hooks::REQUEST_BODY));
             let input = request.body.map_or(0, <[u8]>::len);
             let action = guest
-                .call(input, async |slot| {
-                    let (handler, store) = slot.parts();
-                    handler.call_on_request(store, request).await
-                })
+                .hook(
+                    Hook::Request,
+                    input,
+                    async |slot| {
+                        let (handler, store) = slot.parts();
+                        handler.call_on_request(store, request).await
+                    },
+                    Ok,
+                )
                 .await;
-            let outcome = match action {
-                Ok(RequestAction::Continue(patch)) => {
-                    apply_request_patch(ex, index, patch).map(|()| None)
+            let outcome = action.and_then(|action| match action {
+                RequestAction::Continue(patch) => {
+                    let stash = apply_request_patch(&mut ex.out, patch)?;
+                    if let Some(stash) = stash {
+                        ex.set_stash(index, stash);
+                    }
+                    Ok(None)
                 }
-                Ok(RequestAction::Respond(reply)) => {
-                    reply_response(reply).map(Some).map_err(|reason| Failure {
-                        kind: "invalid-reply",
-                        reason,
-                    })
-                }
-                Err(failure) => Err(failure),
-            };
-            guest
-                .timers()
-                .request
-                .observe(started.elapsed().as_secs_f64());
+                RequestAction::Respond(reply) => reply_response(reply).map(Some),
+            });
             match outcome {
                 Ok(Some(response)) => return Ok(Some(response)),
                 Ok(None) => {}
-                Err(Failure {
-                    kind: "bad-request",
-                    reason,
-                }) => return Err(RouterError::BadRequest(reason)),
-                Err(failure) => self.failed(guest, "on-request", failure)?,
+                Err(failure) => self.failed(guest, failure)?,
             }
         }
         Ok(None)
@@ -246,38 +242,30 @@ impl Pipeline {
         })
     }
 
+    /// Serves a route a middleware declared (see [`Pipeline::route_owner`]).
     pub async fn handle(
         &self,
         owner: usize,
         ex: Exchange,
     ) -> Result<Response<RouterBody>, RouterError> {
         let guest = &self.guests[owner];
-        let started = Instant::now();
         let headers = wit_headers(&ex.out.headers);
         let request = ex.wit_request(&headers, true);
-        let result = guest
-            .call(ex.out.body.len(), async |slot| {
-                let (handler, store) = slot.parts();
-                handler.call_handle(store, request).await
-            })
-            .await
-            .and_then(|reply| {
-                reply_response(reply).map_err(|reason| Failure {
-                    kind: "invalid-reply",
-                    reason,
-                })
-            });
         guest
-            .timers()
-            .handle
-            .observe(started.elapsed().as_secs_f64());
-        result.map_err(|failure| {
-            self.report(guest, "handle", &failure);
-            RouterError::Middleware {
+            .hook(
+                Hook::Handle,
+                ex.out.body.len(),
+                async |slot| {
+                    let (handler, store) = slot.parts();
+                    handler.call_handle(store, request).await
+                },
+                reply_response,
+            )
+            .await
+            .map_err(|failure| RouterError::Middleware {
                 name: guest.name().to_owned(),
                 reason: failure.reason,
-            }
-        })
+            })
     }
 
     fn response_guests(&self, path: &str) -> impl Iterator<Item = (usize, &Arc<Guest>)> {
@@ -289,6 +277,7 @@ impl Pipeline {
             .filter(move |(_, g)| g.manifest.hooks.intersects(any) && g.applies_to(path))
     }
 
+    /// Whether any middleware has a response hook for this request.
     pub fn wants_response(&self, ex: &Exchange) -> bool {
         self.response_guests(ex.out.path.path()).next().is_some()
     }
@@ -308,66 +297,24 @@ impl Pipeline {
             && self
                 .response_guests(&path)
                 .any(|(_, g)| g.wants(Hooks::RESPONSE_BODY));
-        let (mut body, mut incoming, mut lease) = (None, Some(incoming), Some(answer.lease));
-        if wants_body {
-            let collected = incoming.take().map(|b| b.collect());
-            let bytes = match collected {
-                Some(collect) => collect
-                    .await
-                    .map_err(|e| upstream_error(&lease, e))?
-                    .to_bytes(),
-                None => Bytes::new(),
-            };
-            if let Some(lease) = lease.take() {
-                lease.complete();
-            }
-            body = Some(bytes);
+        let (mut body, mut upstream) = (None, Some((incoming, answer.lease)));
+        if wants_body && let Some((incoming, lease)) = upstream.take() {
+            body = Some(buffer(incoming, lease).await?);
         }
         let mut stashes = std::mem::take(&mut ex.stashes);
         let request_headers = wit_headers(&ex.out.headers);
-        let head = ex.wit_request(&request_headers, false);
+        let view = ResponseView {
+            head: ex.wit_request(&request_headers, false),
+            worker: &worker,
+            streaming,
+        };
         let mut chunk_hooks = Vec::new();
         for (index, guest) in self.response_guests(&path) {
             let mut stash = stashes.get_mut(index).and_then(Option::take);
             if guest.wants_any(Hooks::RESPONSE | Hooks::RESPONSE_BODY) {
-                let started = Instant::now();
-                let with_body = guest.wants(Hooks::RESPONSE_BODY);
-                let response_headers = wit_headers(&parts.headers);
-                let fields = &guest.manifest.response_fields;
-                let projected = body
-                    .as_deref()
-                    .filter(|b| with_body && !fields.is_empty() && b.len() > PROJECT_ABOVE)
-                    .and_then(|b| project(b, fields));
-                let response = bindings::Response {
-                    worker: &worker,
-                    status: parts.status.as_u16(),
-                    headers: &response_headers,
-                    body: projected
-                        .as_deref()
-                        .or(body.as_deref())
-                        .filter(|_| with_body),
-                };
-                let input = response.body.map_or(0, <[u8]>::len);
-                let patch = guest
-                    .call(input, async |slot| {
-                        let (handler, store) = slot.parts();
-                        handler
-                            .call_on_response(store, head.clone(), response, stash.as_deref())
-                            .await
-                    })
-                    .await;
-                let applied = patch.and_then(|mut patch| {
-                    if let Some(new) = patch.stash.take() {
-                        stash = Some(new);
-                    }
-                    apply_response_patch(&mut parts, &mut body, patch, streaming)
-                });
-                guest
-                    .timers()
-                    .response
-                    .observe(started.elapsed().as_secs_f64());
-                if let Err(failure) = applied {
-                    self.failed(guest, "on-response", failure)?;
+                let result = response_hook(guest, &view, &mut parts, &mut body, &mut stash).await;
+                if let Err(failure) = result {
+                    self.failed(guest, failure)?;
                 }
             }
             if streaming && guest.wants(Hooks::RESPONSE_CHUNKS) {
@@ -377,122 +324,136 @@ impl Pipeline {
                 });
             }
         }
-        let body = match (body, incoming, lease) {
-            (Some(bytes), _, _) => {
+        let body = self.client_body(&mut parts, body, upstream, chunk_hooks, ex.id, idle);
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// The body the client gets: the buffered (maybe edited) one, the worker's stream through
+    /// the chunk hooks, or the worker's stream untouched.
+    fn client_body(
+        &self,
+        parts: &mut http::response::Parts,
+        body: Option<Bytes>,
+        upstream: Option<(hyper::body::Incoming, Lease)>,
+        chunk_hooks: Vec<stream::ChunkHook>,
+        request_id: u64,
+        idle: Option<Duration>,
+    ) -> RouterBody {
+        match (body, upstream) {
+            (Some(bytes), _) => {
                 parts.headers.remove(header::CONTENT_LENGTH);
                 RouterBody::full(bytes)
             }
-            (None, Some(incoming), Some(lease)) if !chunk_hooks.is_empty() => {
+            (None, Some((incoming, lease))) if !chunk_hooks.is_empty() => {
                 parts.headers.remove(header::CONTENT_LENGTH);
-                stream::spawn(
-                    chunk_hooks,
-                    ex.id,
-                    incoming,
-                    lease,
-                    idle,
-                    self.metrics.clone(),
-                )
+                stream::spawn(chunk_hooks, request_id, incoming, lease, idle)
             }
-            (None, Some(incoming), Some(lease)) => RouterBody::upstream(incoming, lease, idle),
-            _ => RouterBody::empty(),
-        };
-        Ok(Response::from_parts(parts, body))
-    }
-}
-
-fn upstream_error(lease: &Option<crate::body::Lease>, error: hyper::Error) -> RouterError {
-    let url = lease
-        .as_ref()
-        .map(|l| l.slot.worker().url().to_owned())
-        .unwrap_or_default();
-    RouterError::Upstream {
-        url,
-        reason: error.to_string(),
-    }
-}
-
-fn apply_request_patch(
-    ex: &mut Exchange,
-    index: usize,
-    patch: RequestPatch,
-) -> Result<(), Failure> {
-    let invalid = |reason: String| Failure {
-        kind: "invalid-patch",
-        reason,
-    };
-    apply_headers(&mut ex.out.headers, patch.set_headers, patch.remove_headers).map_err(invalid)?;
-    if let Some(path) = patch.set_path {
-        ex.out.path = PathAndQuery::try_from(path.as_str())
-            .ok()
-            .filter(|p| p.as_str().starts_with('/'))
-            .ok_or_else(|| invalid(format!("invalid path {path:?}")))?;
-    }
-    if let Some(edit) = patch.body {
-        ex.out.body = apply_body(&ex.out.body, edit).map_err(|e| match e {
-            EditError::NotAnObject(reason) => Failure {
-                kind: "bad-request",
-                reason,
-            },
-            EditError::Invalid(reason) => invalid(reason),
-        })?;
-    }
-    if let Some(hint) = patch.route {
-        ex.out.hint = Some(route_hint(hint));
-    }
-    if let Some(stash) = patch.stash {
-        ex.set_stash(index, stash);
-    }
-    Ok(())
-}
-
-fn apply_response_patch(
-    parts: &mut http::response::Parts,
-    body: &mut Option<Bytes>,
-    patch: ResponsePatch,
-    streaming: bool,
-) -> Result<(), Failure> {
-    let invalid = |reason: String| Failure {
-        kind: "invalid-patch",
-        reason,
-    };
-    if let Some(status) = patch.set_status {
-        parts.status = StatusCode::from_u16(status)
-            .map_err(|_| invalid(format!("invalid status {status}")))?;
-    }
-    apply_headers(&mut parts.headers, patch.set_headers, patch.remove_headers).map_err(invalid)?;
-    if let (Some(edit), false) = (patch.body, streaming) {
-        let current = body.take().unwrap_or_default();
-        let edited = apply_body(&current, edit).map_err(|e| match e {
-            EditError::NotAnObject(reason) | EditError::Invalid(reason) => invalid(reason),
-        })?;
-        *body = Some(edited);
-    }
-    Ok(())
-}
-
-/// Hints name workers by url; canonical spelling makes `http://h:1/` match `http://h:1`.
-fn route_hint(hint: bindings::RouteHint) -> RouteHint {
-    let canonical = |url: String| {
-        WorkerUrl::parse(&url)
-            .map(|u| u.as_str().to_owned())
-            .unwrap_or(url)
-    };
-    match hint {
-        bindings::RouteHint::Prefer(url) => RouteHint::Prefer(canonical(url)),
-        bindings::RouteHint::Among(urls) => {
-            RouteHint::Among(urls.into_iter().map(canonical).collect())
+            (None, Some((incoming, lease))) => RouterBody::upstream(incoming, lease, idle),
+            (None, None) => RouterBody::empty(),
         }
     }
 }
 
-fn reply_response(reply: Reply) -> Result<Response<RouterBody>, String> {
-    let status = StatusCode::from_u16(reply.status)
-        .map_err(|_| format!("invalid status {}", reply.status))?;
-    let mut response = Response::new(RouterBody::full(Bytes::from(reply.body)));
-    *response.status_mut() = status;
-    apply_headers(response.headers_mut(), reply.headers, Vec::new())?;
-    response.headers_mut().remove(header::CONTENT_LENGTH);
-    Ok(response)
+/// What loading every middleware shares.
+struct Loader<'a> {
+    engine: Engine,
+    options: &'a PipelineOptions,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    tokenizer: Option<Arc<Tokenizer>>,
+}
+
+impl Loader<'_> {
+    /// Compiles one middleware and makes its first instance, which reads the manifest.
+    async fn load(&self, file: &str, config: &str, loaded: &[Arc<Guest>]) -> anyhow::Result<Guest> {
+        let pre = self.engine.prepare(Path::new(file))?;
+        let factory = |name: String, metrics: Arc<Metrics>| Factory {
+            engine: self.engine.wasmtime().clone(),
+            epochs: self.engine.epochs().clone(),
+            pre: pre.clone(),
+            config: config.to_owned(),
+            shared: Arc::new(Shared {
+                timers: HookTimers::new(&metrics, &name),
+                name,
+                metrics,
+                pool: self.pool.clone(),
+                tokenizer: self.tokenizer.clone(),
+            }),
+            memory_cap: self.options.memory_cap,
+            deadline: self.options.deadline,
+        };
+        // A first instance reads the manifest; it reports into throwaway metrics, since its
+        // name (the file's) is not the one the middleware gives itself.
+        let probe = Guest::load(factory(file_stem(file), Arc::new(Metrics::new()))).await?;
+        let name = probe.manifest.name.clone();
+        validate(&probe, loaded)?;
+        Guest::load(factory(name, self.metrics.clone())).await
+    }
+}
+
+/// Reads the worker's whole body; the connection is reused once it is read to the end.
+async fn buffer(incoming: hyper::body::Incoming, lease: Lease) -> Result<Bytes, RouterError> {
+    match incoming.collect().await {
+        Ok(collected) => {
+            lease.complete();
+            Ok(collected.to_bytes())
+        }
+        Err(e) => Err(RouterError::Upstream {
+            url: lease.slot.worker().url().to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// One middleware's `on-response`: hands it the head (and, when it asks, the body or the
+/// fields it reads), then applies its patch and keeps the stash it sets.
+async fn response_hook(
+    guest: &Guest,
+    view: &ResponseView<'_>,
+    parts: &mut http::response::Parts,
+    body: &mut Option<Bytes>,
+    stash: &mut Option<Vec<u8>>,
+) -> Result<(), Failure> {
+    let with_body = guest.wants(Hooks::RESPONSE_BODY);
+    let fields = &guest.manifest.response_fields;
+    let projected = body
+        .as_deref()
+        .filter(|b| with_body && !fields.is_empty() && b.len() > PROJECT_ABOVE)
+        .and_then(|b| project(b, fields));
+    let response_headers = wit_headers(&parts.headers);
+    let response = bindings::Response {
+        worker: view.worker,
+        status: parts.status.as_u16(),
+        headers: &response_headers,
+        body: projected
+            .as_deref()
+            .or(body.as_deref())
+            .filter(|_| with_body),
+    };
+    let input = response.body.map_or(0, <[u8]>::len);
+    let current = stash.as_deref();
+    let head = view.head.clone();
+    let patch = guest
+        .hook(
+            Hook::Response,
+            input,
+            async |slot| {
+                let (handler, store) = slot.parts();
+                handler
+                    .call_on_response(store, head, response, current)
+                    .await
+            },
+            Ok,
+        )
+        .await?;
+    let mut patch = patch;
+    let new_stash = patch.stash.take();
+    drop(response_headers);
+    apply_response_patch(parts, body, patch, view.streaming)?;
+    if let Some(new) = new_stash {
+        *stash = Some(new);
+    }
+    Ok(())
 }
 
 fn wit_headers(headers: &HeaderMap) -> Vec<(&str, &[u8])> {

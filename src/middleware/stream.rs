@@ -13,9 +13,9 @@ use tokio::sync::mpsc;
 
 use super::bindings::ChunkAction;
 use super::edit::{PROJECT_ABOVE, project_events};
+use super::host::Hook;
 use super::instance::Guest;
 use crate::body::{BodyError, Lease, RouterBody};
-use crate::metrics::Metrics;
 
 /// One middleware's part in a stream, with the state it carries between chunks.
 pub struct ChunkHook {
@@ -60,13 +60,11 @@ pub fn spawn(
     incoming: Incoming,
     lease: Lease,
     idle: Option<Duration>,
-    metrics: Arc<Metrics>,
 ) -> RouterBody {
     let (tx, rx) = mpsc::channel(8);
     let mut stream = Stream {
         hooks,
         request_id,
-        metrics,
         tx,
     };
     tokio::spawn(async move {
@@ -80,7 +78,6 @@ pub fn spawn(
 struct Stream {
     hooks: Vec<ChunkHook>,
     request_id: u64,
-    metrics: Arc<Metrics>,
     tx: mpsc::Sender<Result<Frame<Bytes>, BodyError>>,
 }
 
@@ -122,7 +119,6 @@ impl Stream {
             if events.is_empty() && !last {
                 break;
             }
-            let started = std::time::Instant::now();
             let stash = hook.stash.take();
             let fields = &hook.guest.manifest.response_fields;
             let chunk = if fields.is_empty() || events.len() <= PROJECT_ABOVE {
@@ -131,22 +127,21 @@ impl Stream {
                 Bytes::from(project_events(&events, fields))
             };
             let id = self.request_id;
+            let input = chunk.len() + stash.as_ref().map_or(0, Vec::len);
             let result = hook
                 .guest
-                .call(
-                    chunk.len() + stash.as_ref().map_or(0, Vec::len),
+                .hook(
+                    Hook::Chunk,
+                    input,
                     async |slot| {
                         let (handler, store) = slot.parts();
                         handler
                             .call_on_response_chunk(store, id, &chunk, last, stash.as_deref())
                             .await
                     },
+                    Ok,
                 )
                 .await;
-            hook.guest
-                .timers()
-                .chunk
-                .observe(started.elapsed().as_secs_f64());
             match result {
                 Ok(result) => {
                     hook.stash = result.stash.or(stash);
@@ -156,17 +151,13 @@ impl Stream {
                         ChunkAction::Drop => events = Bytes::new(),
                     }
                 }
-                Err(failure) => {
+                Err(failure) if !hook.guest.fails_open() => {
                     let name = hook.guest.name();
-                    self.metrics.middleware_failure(name, failure.kind);
-                    tracing::warn!(middleware = name, kind = failure.kind, reason = %failure.reason, "chunk hook failed");
-                    if !hook.guest.fails_open() {
-                        let error =
-                            format!("middleware {name} failed mid-stream: {}", failure.reason);
-                        let _ = self.tx.send(Err(error.into())).await;
-                        return false;
-                    }
+                    let error = format!("middleware {name} failed mid-stream: {}", failure.reason);
+                    let _ = self.tx.send(Err(error.into())).await;
+                    return false;
                 }
+                Err(_) => {}
             }
         }
         events.is_empty() || self.tx.send(Ok(Frame::data(events))).await.is_ok()

@@ -1,0 +1,77 @@
+//! What the mock is told (its config) and what it keeps (counts, recorded requests).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method};
+
+use crate::tokenizer::Tokenizer;
+
+/// How the mock behaves; defaults answer at once.
+#[derive(Clone, Default)]
+pub struct MockConfig {
+    /// Delay before every answer.
+    pub delay: Duration,
+    /// Fraction of /generate requests answered with 500.
+    pub failure_rate: f64,
+    /// Pace of streamed tokens (0 = as fast as possible); also paces non-streamed answers.
+    pub tokens_per_second: f64,
+    /// `meta_info.weight_version` to report.
+    pub weight_version: String,
+    /// Encode/decode with a real tokenizer; without one a token is a byte.
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// Keep every request for [`MockWorker::seen`] (tests); off for long benchmark runs.
+    pub record: bool,
+    /// Bytes of base64-like `meta_info.routed_experts` per answer (MoE routing replay makes
+    /// SGLang answers megabytes long); 0 leaves the field out.
+    pub routed_experts_bytes: usize,
+}
+
+/// One request as the mock received it.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    /// The request method.
+    pub method: Method,
+    /// Path and query as received.
+    pub path_and_query: String,
+    /// Headers as received.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub healthy: AtomicBool,
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: AtomicUsize,
+    pub requests: AtomicUsize,
+    pub seen: Mutex<Vec<Seen>>,
+    pub scripted: Mutex<Option<Vec<u32>>>,
+}
+
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Counts a request in flight until dropped (a stream's task holds it to its last event).
+pub(crate) struct InFlightCount(Arc<State>);
+
+impl InFlightCount {
+    pub fn enter(state: &Arc<State>) -> Self {
+        let now = state.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        state.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlightCount {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,116 @@
+//! The state every request handler shares, across all serving threads: the pool, the
+//! middleware pipeline, metrics, and the settings the data path reads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::health::ProbeNow;
+use crate::metrics::Metrics;
+use crate::middleware::{Pipeline, PipelineOptions};
+use crate::pool::Pool;
+use crate::proxy::Proxy;
+use crate::tokenizer::Tokenizer;
+use crate::worker::WorkerUrl;
+
+/// Everything a request handler needs, shared by all threads.
+pub struct App {
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    pipeline: Pipeline,
+    probe_now: ProbeNow,
+    admin_key: Option<String>,
+    body_limit: usize,
+    next_id: AtomicU64,
+    /// Upstream connections across all threads (`--slime-router-max-connections`).
+    permits: Arc<Semaphore>,
+    upstream_timeout: Option<Duration>,
+    failure_threshold: u32,
+}
+
+impl App {
+    /// Builds the shared state from `config`: registers `--worker-urls`, loads the tokenizer
+    /// and every middleware. Fails on any configuration error, naming the culprit.
+    pub async fn load(config: &Config, probe_now: ProbeNow) -> anyhow::Result<Self> {
+        let metrics = Arc::new(Metrics::new());
+        let pool = Arc::new(Pool::new(metrics.clone()));
+        for raw in &config.worker_urls {
+            let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
+            pool.add(url);
+        }
+        let tokenizer = match &config.hf_checkpoint {
+            Some(path) => Some(Arc::new(Tokenizer::load(path)?)),
+            None => None,
+        };
+        let options = PipelineOptions {
+            specs: config.slime_router_middleware_paths.clone(),
+            memory_cap: usize::try_from(config.middleware_memory_mib << 20).unwrap_or(usize::MAX),
+            deadline: Duration::from_secs_f64(config.middleware_deadline_ms / 1000.0),
+        };
+        let pipeline = Pipeline::load(&options, pool.clone(), metrics.clone(), tokenizer).await?;
+        Ok(Self {
+            pool,
+            metrics,
+            pipeline,
+            probe_now,
+            admin_key: config.admin_api_key.clone().filter(|k| !k.is_empty()),
+            body_limit: config.max_request_body_bytes(),
+            next_id: AtomicU64::new(1),
+            permits: Arc::new(Semaphore::new(config.slime_router_max_connections as usize)),
+            upstream_timeout: config.upstream_timeout(),
+            failure_threshold: config.slime_router_health_check_failure_threshold,
+        })
+    }
+
+    /// The workers.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The workers, for tasks that outlive a request (the health loop).
+    pub fn shared_pool(&self) -> Arc<Pool> {
+        self.pool.clone()
+    }
+
+    /// The router's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The middleware pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Asks the health loop for an early probe.
+    pub fn probe_now(&self) -> &ProbeNow {
+        &self.probe_now
+    }
+
+    /// The admin key, when worker management needs one.
+    pub fn admin_key(&self) -> Option<&str> {
+        self.admin_key.as_deref()
+    }
+
+    /// The request body cap (`--max-request-body-mib`).
+    pub fn body_limit(&self) -> usize {
+        self.body_limit
+    }
+
+    /// A fresh request id, unique for the router's lifetime.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A serving thread's way to the workers, sharing the connection limit.
+    pub fn proxy(&self) -> Proxy {
+        Proxy::new(
+            self.permits.clone(),
+            self.upstream_timeout,
+            self.failure_threshold,
+        )
+    }
+}

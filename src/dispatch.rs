@@ -1,0 +1,79 @@
+//! One request's way through the router, in the order it happens: the router's own
+//! endpoints; else the body is read, `on-request` hooks run (and may answer), a middleware
+//! may own the route, fan-out endpoints go to every worker, and everything else is proxied
+//! to one worker, its answer going back through the response hooks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use crate::admin;
+use crate::app::App;
+use crate::body::RouterBody;
+use crate::error::RouterError;
+use crate::fanout;
+use crate::middleware::Exchange;
+use crate::proxy::{Answer, Proxy};
+use crate::request::read_request;
+
+/// One serving thread's view: the shared app and this thread's upstream client.
+pub struct Local {
+    /// Shared by every thread.
+    pub app: Arc<App>,
+    /// This thread's connections to the workers.
+    pub proxy: Proxy,
+}
+
+/// Answers one request; every error becomes its JSON response here.
+pub async fn handle(local: &Local, req: Request<Incoming>) -> Response<RouterBody> {
+    let result = match admin::Route::of(req.uri().path()) {
+        Some(route) => admin::serve(&local.app, route, req).await,
+        None => proxied(local, req).await,
+    };
+    result.unwrap_or_else(|e| {
+        if e.status().is_server_error() {
+            tracing::warn!(error = %e, "request failed");
+        } else {
+            tracing::debug!(error = %e, "request rejected");
+        }
+        e.into_response()
+    })
+}
+
+async fn proxied(
+    local: &Local,
+    req: Request<Incoming>,
+) -> Result<Response<RouterBody>, RouterError> {
+    let (app, proxy) = (&*local.app, &local.proxy);
+    let pipeline = app.pipeline();
+    let (parts, body) = req.into_parts();
+    let body = read_request(&parts.headers, body, app.body_limit()).await?;
+    let mut exchange = Exchange::new(app.next_request_id(), parts, body);
+    if let Some(reply) = pipeline.on_request(&mut exchange).await? {
+        return Ok(reply);
+    }
+    if let Some(owner) = pipeline.route_owner(&exchange) {
+        return pipeline.handle(owner, exchange).await;
+    }
+    if fanout::is_fanout(&exchange.out.path) {
+        return fanout::broadcast(app.pool(), proxy, &mut exchange.out).await;
+    }
+    let answer = proxy.send(app.pool(), &mut exchange.out).await?;
+    if pipeline.wants_response(&exchange) {
+        return pipeline
+            .on_response(exchange, answer, proxy.timeout())
+            .await;
+    }
+    Ok(passthrough(answer, proxy.timeout()))
+}
+
+/// The worker's response as it came, its body streamed with the lease attached.
+fn passthrough(answer: Answer, idle_timeout: Option<Duration>) -> Response<RouterBody> {
+    let (parts, incoming) = answer.response.into_parts();
+    Response::from_parts(
+        parts,
+        RouterBody::upstream(incoming, answer.lease, idle_timeout),
+    )
+}

@@ -1,0 +1,110 @@
+//! Choosing a worker for one request. The pool hands a [`Policy`] the request's routing
+//! inputs and the workers it may use (live, not yet tried for this request, narrowed by a
+//! middleware's [`RouteHint`]); the policy picks one. Each policy is a file of its own.
+//!
+//! Which policy a router runs is wired in `app`, so this module imports none of its
+//! policies and they import only it.
+//!
+//! Precedence: liveness first (a policy never sees a DEAD worker), then a middleware's hint
+//! (it narrows the candidates when it names a usable worker), then the policy.
+
+pub mod least_in_flight;
+
+use std::sync::Arc;
+
+use http::HeaderMap;
+
+use crate::worker::Worker;
+
+/// What a policy may read of the request it routes, after every `on-request` patch.
+#[derive(Debug, Clone, Copy)]
+pub struct Routing<'a> {
+    /// Path without the query string.
+    pub path: &'a str,
+    /// Request headers (session keys live here).
+    pub headers: &'a HeaderMap,
+    /// The request body as it will be sent.
+    pub body: &'a [u8],
+}
+
+impl Routing<'static> {
+    /// Inputs that carry nothing: for callers with no request at hand (benchmarks, tests).
+    pub fn none() -> Self {
+        static EMPTY: std::sync::OnceLock<HeaderMap> = std::sync::OnceLock::new();
+        Routing {
+            path: "/",
+            headers: EMPTY.get_or_init(HeaderMap::new),
+            body: &[],
+        }
+    }
+}
+
+/// A middleware's steer for one pick (`route-hint` in the WIT); never overrides liveness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteHint {
+    /// Use this worker when it is live.
+    Prefer(String),
+    /// Choose among these workers when any of them is live.
+    Among(Vec<String>),
+}
+
+/// The workers one pick may choose from: live, not tried yet for this request, and within
+/// the hint's urls when it narrowed them. Iterating allocates nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidates<'a> {
+    workers: &'a [Arc<Worker>],
+    tried: &'a [Arc<Worker>],
+    only: Option<&'a [String]>,
+}
+
+impl<'a> Candidates<'a> {
+    /// Every usable worker of `workers`.
+    pub fn new(workers: &'a [Arc<Worker>], tried: &'a [Arc<Worker>]) -> Self {
+        Self {
+            workers,
+            tried,
+            only: None,
+        }
+    }
+
+    /// The usable workers, in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a Arc<Worker>> + use<'a> {
+        let Self {
+            workers,
+            tried,
+            only,
+        } = *self;
+        workers.iter().filter(move |w| {
+            w.is_live()
+                && !tried.iter().any(|t| Arc::ptr_eq(t, w))
+                && only.is_none_or(|urls| urls.iter().any(|u| u == w.url()))
+        })
+    }
+
+    /// These candidates narrowed to the hint's workers, or `None` when it names no usable one.
+    pub fn narrowed(&self, hint: &'a RouteHint) -> Option<Self> {
+        let only = match hint {
+            RouteHint::Prefer(url) => std::slice::from_ref(url),
+            RouteHint::Among(urls) => urls.as_slice(),
+        };
+        let narrowed = Self {
+            only: Some(only),
+            ..*self
+        };
+        narrowed.iter().next().is_some().then_some(narrowed)
+    }
+}
+
+/// Picks a worker among the candidates. Implementations keep whatever state they need
+/// (an index of prefixes, say) behind `&self`; they are shared by every serving thread.
+pub trait Policy: Send + Sync {
+    /// The name `--policy` knows it by, for logs.
+    fn name(&self) -> &'static str;
+
+    /// One of `candidates`, or `None` when there is none.
+    fn choose<'w>(
+        &self,
+        routing: &Routing<'_>,
+        candidates: &Candidates<'w>,
+    ) -> Option<&'w Arc<Worker>>;
+}

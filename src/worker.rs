@@ -1,0 +1,227 @@
+//! One upstream worker: its canonical url, health state and in-flight count, and the
+//! [`InFlight`] guard that holds one slot of that count. The guard owns an `Arc` to its worker
+//! and travels inside the response body, so stream end, upstream error and client disconnect
+//! each release it exactly once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Instant;
+
+use http::HeaderValue;
+use http::uri::Authority;
+use prometheus_client::metrics::histogram::Histogram;
+
+use crate::metrics::WorkerCounters;
+
+/// A worker URL checked to be `http://host:port` and brought to one canonical spelling, so
+/// `http://h:1/` and `http://h:1` are the same worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerUrl {
+    canonical: String,
+    authority: Authority,
+    host_header: HeaderValue,
+}
+
+impl WorkerUrl {
+    /// Parses and canonicalises `raw`; the error names the url and what is wrong with it.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let bad =
+            |why: &str| format!("invalid worker url {raw:?}: {why}; expected http://host:port");
+        let url = url::Url::parse(raw.trim()).map_err(|e| bad(&e.to_string()))?;
+        match url.scheme() {
+            "http" => {}
+            "https" => return Err(bad("https workers are not supported")),
+            _ => return Err(bad("scheme must be http")),
+        }
+        let host = url
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
+        let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad("credentials are not allowed"));
+        }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(bad("path, query and fragment are not allowed"));
+        }
+        let authority: Authority = format!("{host}:{port}")
+            .parse()
+            .map_err(|_| bad("bad host"))?;
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| bad("bad host"))?;
+        Ok(Self {
+            canonical: format!("http://{authority}"),
+            authority,
+            host_header,
+        })
+    }
+
+    /// The canonical spelling, `http://host:port`.
+    pub fn as_str(&self) -> &str {
+        &self.canonical
+    }
+}
+
+/// A health state change worth logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Live to DEAD: taken out of routing.
+    Died,
+    /// DEAD to live: routed to again.
+    Revived,
+}
+
+/// One upstream worker.
+#[derive(Debug)]
+pub struct Worker {
+    /// Unique for the process (a re-added url gets a new one); small, so it can index.
+    index: usize,
+    url: WorkerUrl,
+    in_flight: AtomicUsize,
+    live: AtomicBool,
+    consecutive_failures: AtomicU32,
+    consecutive_successes: AtomicU32,
+    counters: WorkerCounters,
+    latency: Histogram,
+}
+
+impl Worker {
+    /// A live worker with nothing in flight.
+    pub(crate) fn new(
+        index: usize,
+        url: WorkerUrl,
+        counters: WorkerCounters,
+        latency: Histogram,
+    ) -> Self {
+        Self {
+            index,
+            url,
+            in_flight: AtomicUsize::new(0),
+            live: AtomicBool::new(true),
+            consecutive_failures: AtomicU32::new(0),
+            consecutive_successes: AtomicU32::new(0),
+            counters,
+            latency,
+        }
+    }
+
+    /// The canonical url.
+    pub fn url(&self) -> &str {
+        self.url.as_str()
+    }
+
+    pub(crate) fn worker_url(&self) -> &WorkerUrl {
+        &self.url
+    }
+
+    /// A small number unique to this registration, for per-worker tables.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// `host:port`, to connect to.
+    pub fn authority(&self) -> &Authority {
+        &self.url.authority
+    }
+
+    /// `Host` for requests to this worker, built once.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.url.host_header
+    }
+
+    /// Requests in flight to it now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is routed to (not DEAD).
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Its request and failure counters.
+    pub fn counters(&self) -> &WorkerCounters {
+        &self.counters
+    }
+
+    /// A failed probe, connect failure or transport error.
+    pub fn record_failure(&self, threshold: u32) -> Option<Transition> {
+        self.consecutive_successes.store(0, Ordering::Relaxed);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        (failures >= threshold && self.live.swap(false, Ordering::Relaxed))
+            .then_some(Transition::Died)
+    }
+
+    /// A successful probe.
+    pub fn record_success(&self, threshold: u32) -> Option<Transition> {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        if self.is_live() {
+            return None;
+        }
+        let successes = self.consecutive_successes.fetch_add(1, Ordering::Relaxed) + 1;
+        if successes >= threshold && !self.live.swap(true, Ordering::Relaxed) {
+            self.consecutive_successes.store(0, Ordering::Relaxed);
+            return Some(Transition::Revived);
+        }
+        None
+    }
+}
+
+/// Holds one in-flight slot on a worker until dropped; also times the request.
+#[derive(Debug)]
+pub struct InFlight {
+    worker: Arc<Worker>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Takes a slot on `worker`.
+    pub fn take(worker: &Arc<Worker>) -> Self {
+        worker.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self {
+            worker: worker.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The worker this slot is on.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.worker.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.worker
+            .latency
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_urls() {
+        let a = WorkerUrl::parse("http://127.0.0.1:8000/").unwrap();
+        let b = WorkerUrl::parse(" http://127.0.0.1:8000 ").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.as_str(), "http://127.0.0.1:8000");
+        assert_eq!(
+            WorkerUrl::parse("http://[::1]:9").unwrap().as_str(),
+            "http://[::1]:9"
+        );
+        for bad in [
+            "",
+            "127.0.0.1:8000",
+            "ftp://h:1",
+            "https://h:1",
+            "http://h:1/x",
+            "http://h:1?q=1",
+            "http://u:p@h:1",
+        ] {
+            assert!(WorkerUrl::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+}
