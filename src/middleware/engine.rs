@@ -81,8 +81,8 @@ impl Engine {
     }
 }
 
-/// Budgets are checked once per tick, so a runaway call stops within 1.5 deadlines. Each tick
-/// wakes a thread (tens of µs of CPU on a VM), so it is no shorter than that precision needs.
+/// Budgets are checked once per tick and start at a call's first tick, so a runaway call
+/// stops within 2 deadlines. Each tick wakes a thread (tens of µs of CPU on a VM), so it is no shorter than that precision needs.
 fn tick_for(deadline: Duration) -> Duration {
     (deadline / 2).clamp(Duration::from_millis(1), Duration::from_millis(50))
 }

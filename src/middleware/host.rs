@@ -171,7 +171,6 @@ impl wasmtime::ResourceLimiter for Limits {
 pub struct CpuBudget {
     base: Duration,
     limit: Duration,
-    started: Instant,
     cpu_start: Option<Duration>,
     host: Duration,
     pub exceeded: bool,
@@ -182,7 +181,6 @@ impl CpuBudget {
         Self {
             base,
             limit: base,
-            started: Instant::now(),
             cpu_start: None,
             host: Duration::ZERO,
             exceeded: false,
@@ -195,21 +193,24 @@ impl CpuBudget {
     pub fn begin(&mut self, input: usize) {
         self.limit = self.base
             + PER_INPUT_KIB.saturating_mul(u32::try_from(input / 1024).unwrap_or(u32::MAX));
-        self.started = Instant::now();
         self.cpu_start = None;
         self.host = Duration::ZERO;
         self.exceeded = false;
     }
 
     /// Called on every epoch tick while the guest runs: false once the budget is spent.
+    ///
+    /// The first tick only starts the CPU clock: the call's time before it is wall time,
+    /// which on a loaded machine is mostly time spent descheduled, and counting it convicted
+    /// innocent calls (a stateful guest then lost its state). So a call's budget runs from its
+    /// first tick, and a runaway call stops within the deadline plus two ticks.
     pub fn within(&mut self) -> bool {
         let now = thread_cpu_time();
-        // At the first tick, count all wall time since the call began as CPU time: at most
-        // one tick's worth, and never less than the truth.
-        let since = self.started.elapsed();
-        let start = *self
-            .cpu_start
-            .get_or_insert_with(|| now.saturating_sub(since));
+        let Some(start) = self.cpu_start else {
+            self.cpu_start = Some(now);
+            self.host = Duration::ZERO;
+            return true;
+        };
         let used = now.saturating_sub(start).saturating_sub(self.host);
         self.exceeded = used > self.limit;
         !self.exceeded
@@ -423,5 +424,31 @@ impl tokio::io::AsyncWrite for LogStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_descheduled_before_the_first_tick_is_not_cpu_time() {
+        let mut budget = CpuBudget::new(Duration::from_millis(5));
+        budget.begin(0);
+        // Asleep, as a descheduled call would be: wall time passes, CPU time does not.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            budget.within(),
+            "the first tick convicted a call that used no CPU"
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(budget.within());
+        // Spinning is CPU time: it is stopped.
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(20) {
+            std::hint::black_box(0u64);
+        }
+        assert!(!budget.within(), "20 ms of CPU against a 5 ms budget");
+        assert!(budget.exceeded);
     }
 }
