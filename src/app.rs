@@ -14,7 +14,10 @@ use crate::middleware::{Pipeline, PipelineOptions};
 use crate::pool::Pool;
 use crate::proxy::Proxy;
 use crate::tokenizer::Tokenizer;
-use crate::worker::WorkerUrl;
+use crate::worker::{WorkerType, WorkerUrl};
+
+/// How long `/engine_metrics` waits for one worker's `/metrics`.
+const ENGINE_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything a request handler needs, shared by all threads.
 pub struct App {
@@ -27,8 +30,12 @@ pub struct App {
     next_id: AtomicU64,
     /// Upstream connections across all threads (`--slime-router-max-connections`).
     permits: Arc<Semaphore>,
+    max_connections: u32,
     upstream_timeout: Option<Duration>,
     failure_threshold: u32,
+    /// For `/engine_metrics`: its own connections and a short timeout, so a stuck engine
+    /// cannot hold a scrape.
+    engine_client: reqwest::Client,
 }
 
 impl App {
@@ -39,7 +46,8 @@ impl App {
         let pool = Arc::new(Pool::new(metrics.clone()));
         for raw in &config.worker_urls {
             let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
-            pool.add(url);
+            pool.add(url, WorkerType::Regular)
+                .map_err(|w| anyhow::anyhow!("worker {} is listed twice", w.url()))?;
         }
         let tokenizer = match &config.hf_checkpoint {
             Some(path) => Some(Arc::new(Tokenizer::load(path)?)),
@@ -60,8 +68,13 @@ impl App {
             body_limit: config.max_request_body_bytes(),
             next_id: AtomicU64::new(1),
             permits: Arc::new(Semaphore::new(config.slime_router_max_connections as usize)),
+            max_connections: config.slime_router_max_connections,
             upstream_timeout: config.upstream_timeout(),
             failure_threshold: config.slime_router_health_check_failure_threshold,
+            engine_client: reqwest::Client::builder()
+                .timeout(ENGINE_METRICS_TIMEOUT)
+                .no_proxy()
+                .build()?,
         })
     }
 
@@ -100,6 +113,11 @@ impl App {
         self.body_limit
     }
 
+    /// The client `/engine_metrics` fetches with.
+    pub fn engine_client(&self) -> &reqwest::Client {
+        &self.engine_client
+    }
+
     /// A fresh request id, unique for the router's lifetime.
     pub fn next_request_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
@@ -109,6 +127,7 @@ impl App {
     pub fn proxy(&self) -> Proxy {
         Proxy::new(
             self.permits.clone(),
+            self.max_connections,
             self.upstream_timeout,
             self.failure_threshold,
         )

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, Sleep};
 
+use crate::background::AbortOnDrop;
 use crate::upstream::Conn;
 use crate::worker::InFlight;
 
@@ -19,12 +20,14 @@ use crate::worker::InFlight;
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything a proxied request holds until its response body is finished: the worker's
-/// in-flight slot, the connection permit, and the connection itself.
+/// in-flight slot, the connection permit, the connection itself, and for a prefill/decode
+/// pair the task still reading the prefill's answer.
 pub struct Lease {
     /// The worker's in-flight slot.
     pub slot: InFlight,
     _permit: OwnedSemaphorePermit,
     conn: Option<Conn>,
+    companion: Option<AbortOnDrop<()>>,
 }
 
 impl Lease {
@@ -34,7 +37,15 @@ impl Lease {
             slot,
             _permit: permit,
             conn: Some(conn),
+            companion: None,
         }
+    }
+
+    /// Also holds `task` (a pair's prefill leg): aborted if this body is cut short, left to
+    /// finish if it ends normally.
+    pub fn with_companion(mut self, task: AbortOnDrop<()>) -> Self {
+        self.companion = Some(task);
+        self
     }
 
     /// Ends the lease after the response was read to the end: the connection is reused.
@@ -42,6 +53,9 @@ impl Lease {
     pub fn complete(mut self) {
         if let Some(conn) = self.conn.take() {
             conn.release();
+        }
+        if let Some(companion) = self.companion.take() {
+            companion.detach();
         }
     }
 }

@@ -1,7 +1,8 @@
 //! One request's way through the router, in the order it happens: the router's own
 //! endpoints; else the body is read, `on-request` hooks run (and may answer), a middleware
-//! may own the route, fan-out endpoints go to every worker, and everything else is proxied
-//! to one worker, its answer going back through the response hooks.
+//! may own the route, fan-out endpoints go to every worker, generation goes to a
+//! prefill/decode pair when the pool has both, and everything else is proxied to one worker;
+//! the answer goes back through the response hooks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use crate::body::RouterBody;
 use crate::error::RouterError;
 use crate::fanout;
 use crate::middleware::Exchange;
+use crate::pd;
 use crate::proxy::{Answer, Proxy};
 use crate::request::read_request;
 
@@ -60,7 +62,11 @@ async fn proxied(
     if fanout::is_fanout(&exchange.out.path) {
         return fanout::broadcast(app.pool(), proxy, &mut exchange.out).await;
     }
-    let answer = proxy.send(app.pool(), &mut exchange.out).await?;
+    let answer = if pd::is_generation(&exchange.out) && app.pool().pairs_ready() {
+        pd::send(app.pool(), proxy, &mut exchange.out).await?
+    } else {
+        proxy.send(app.pool(), &mut exchange.out).await?
+    };
     if pipeline.wants_response(&exchange) {
         return pipeline
             .on_response(exchange, answer, proxy.timeout())

@@ -17,10 +17,14 @@ pub enum RouterError {
     Unauthorized(&'static str),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("method {method} not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
     #[error("no live worker available")]
     NoLiveWorker,
+    #[error("no live {0} worker: prefill/decode generation needs one live worker of each")]
+    NoLiveRole(String),
     #[error("worker {url} unreachable: {reason}")]
     Connect { url: String, reason: String },
     #[error("worker {url} failed: {reason}")]
@@ -40,8 +44,11 @@ impl RouterError {
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NoLiveWorker | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoLiveWorker | Self::NoLiveRole(_) | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Middleware { .. } => StatusCode::INTERNAL_SERVER_ERROR,

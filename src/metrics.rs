@@ -67,6 +67,7 @@ pub struct Metrics {
     tokenizer_seconds: Family<MiddlewareName, Counter<f64, AtomicU64>>,
     guest_counters: Family<GuestMetricLabel, Counter>,
     guest_gauges: Family<GuestMetricLabel, Gauge>,
+    engine_metrics_failures: Family<WorkerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +91,7 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 2.0, 24)));
         let guest_counters = Family::<GuestMetricLabel, Counter>::default();
         let guest_gauges = Family::<GuestMetricLabel, Gauge>::default();
+        let engine_metrics_failures = Family::<WorkerLabel, Counter>::default();
         registry.register("requests", "Requests sent to each worker", requests.clone());
         registry.register(
             "request_failures",
@@ -126,6 +128,11 @@ impl Metrics {
             "Gauges kept by middleware (host gauge-set)",
             guest_gauges.clone(),
         );
+        registry.register(
+            "engine_metrics_failures",
+            "Workers skipped by /engine_metrics because their /metrics failed",
+            engine_metrics_failures.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -136,6 +143,7 @@ impl Metrics {
             tokenizer_seconds,
             guest_counters,
             guest_gauges,
+            engine_metrics_failures,
         }
     }
 
@@ -218,6 +226,14 @@ impl Metrics {
             name: name.to_owned(),
         };
         self.guest_gauges.get_or_create(&label).clone()
+    }
+
+    /// Counts a worker whose `/metrics` failed for `/engine_metrics`.
+    pub fn engine_metrics_failure(&self, url: &str) {
+        let label = WorkerLabel {
+            worker: url.to_owned(),
+        };
+        self.engine_metrics_failures.get_or_create(&label).inc();
     }
 
     /// The text exposition.

@@ -15,7 +15,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use crate::metrics::{Metrics, WorkerLabel};
 use crate::policy::least_in_flight::LeastInFlight;
 use crate::policy::{Candidates, Policy, RouteHint, Routing};
-use crate::worker::{InFlight, Worker, WorkerUrl};
+use crate::worker::{InFlight, Role, Worker, WorkerType, WorkerUrl};
 
 type Workers = Arc<RwLock<Arc<[Arc<Worker>]>>>;
 
@@ -60,20 +60,36 @@ impl Pool {
         self.snapshot().iter().find(|w| w.url() == url).cloned()
     }
 
-    /// Registers `url`; returns the worker and whether it is new. A known url is a no-op.
-    pub fn add(&self, url: WorkerUrl) -> (Arc<Worker>, bool) {
+    /// The worker with this `/workers` id.
+    pub fn find_id(&self, id: &str) -> Option<Arc<Worker>> {
+        self.snapshot().iter().find(|w| w.id() == id).cloned()
+    }
+
+    /// Registers `url` as `kind`; returns the worker and whether it is new. A known url of the
+    /// same kind is a no-op; of another kind (or bootstrap port) it is refused with the
+    /// registered worker, since changing a serving worker's role under its in-flight requests
+    /// would pair them wrongly.
+    pub fn add(
+        &self,
+        url: WorkerUrl,
+        kind: WorkerType,
+    ) -> Result<(Arc<Worker>, bool), Arc<Worker>> {
         let mut workers = self.write();
         if let Some(existing) = workers.iter().find(|w| *w.worker_url() == url) {
-            return (existing.clone(), false);
+            if existing.kind() != kind {
+                return Err(existing.clone());
+            }
+            return Ok((existing.clone(), false));
         }
         static NEXT_INDEX: AtomicUsize = AtomicUsize::new(0);
         let counters = self.metrics.worker_counters(url.as_str());
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
-        let worker = Arc::new(Worker::new(index, url, counters, self.metrics.latency()));
+        let latency = self.metrics.latency();
+        let worker = Arc::new(Worker::new(index, url, kind, counters, latency));
         let mut next = workers.to_vec();
         next.push(worker.clone());
         *workers = Arc::from(next);
-        (worker, true)
+        Ok((worker, true))
     }
 
     /// Unregisters `url`. Requests in flight to it finish normally.
@@ -89,16 +105,33 @@ impl Pool {
         true
     }
 
-    /// Takes an in-flight slot on the worker the policy chooses among the live ones not in
-    /// `tried`; a hint narrows the choice when it names a usable worker.
+    /// Whether generation goes to prefill/decode pairs: at least one of each is live.
+    pub fn pairs_ready(&self) -> bool {
+        let workers = self.snapshot();
+        let live = |role| {
+            workers
+                .iter()
+                .any(|w| w.is_live() && w.kind().role() == role)
+        };
+        live(Role::Prefill) && live(Role::Decode)
+    }
+
+    /// Takes an in-flight slot on the worker the policy chooses among the live ones of `role`
+    /// not in `tried`; a hint narrows the choice when it names a usable worker. Requests for
+    /// a regular worker go to a decode worker when no regular one is usable, as SGLang's
+    /// router sends non-generation calls in a prefill/decode deployment.
     pub fn pick(
         &self,
         routing: &Routing<'_>,
         hint: Option<&RouteHint>,
         tried: &[Arc<Worker>],
+        role: Role,
     ) -> Option<InFlight> {
         let workers = self.snapshot();
-        let all = Candidates::new(&workers, tried);
+        let mut all = Candidates::new(&workers, tried, role);
+        if role == Role::Regular && all.iter().next().is_none() {
+            all = Candidates::new(&workers, tried, Role::Decode);
+        }
         let narrowed = hint.and_then(|hint| all.narrowed(hint));
         let chosen = narrowed
             .and_then(|candidates| self.policy.choose(routing, &candidates))
@@ -165,13 +198,13 @@ mod tests {
         let pool = Pool::new(Arc::new(Metrics::new()));
         for port in 1..=n {
             let url = WorkerUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
-            pool.add(url);
+            pool.add(url, WorkerType::Regular).unwrap();
         }
         pool
     }
 
     fn pick(pool: &Pool, hint: Option<&RouteHint>, tried: &[Arc<Worker>]) -> Option<InFlight> {
-        pool.pick(&Routing::none(), hint, tried)
+        pool.pick(&Routing::none(), hint, tried, Role::Regular)
     }
 
     #[test]
@@ -217,5 +250,34 @@ mod tests {
             workers[0].url()
         );
         assert!(pick(&pool, None, &workers).is_none());
+    }
+
+    #[test]
+    fn roles_and_conflicts() {
+        let pool = Pool::new(Arc::new(Metrics::new()));
+        let url = |port| WorkerUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let prefill = WorkerType::Prefill {
+            bootstrap_port: Some(8998),
+        };
+        pool.add(url(1), prefill).unwrap();
+        assert!(!pool.pairs_ready());
+        pool.add(url(2), WorkerType::Decode).unwrap();
+        assert!(pool.pairs_ready());
+        assert!(pool.add(url(2), WorkerType::Regular).is_err());
+        assert!(!pool.add(url(2), WorkerType::Decode).unwrap().1);
+        // No regular worker: non-generation calls go to the decode worker, never to prefill.
+        for _ in 0..10 {
+            let slot = pick(&pool, None, &[]).unwrap();
+            assert_eq!(slot.worker().kind(), WorkerType::Decode);
+        }
+        pool.add(url(3), WorkerType::Regular).unwrap();
+        assert_eq!(
+            pick(&pool, None, &[]).unwrap().worker().kind(),
+            WorkerType::Regular
+        );
+        let picked = pool
+            .pick(&Routing::none(), None, &[], Role::Prefill)
+            .unwrap();
+        assert_eq!(picked.worker().kind(), prefill);
     }
 }

@@ -11,20 +11,21 @@ use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Lease;
 use crate::error::RouterError;
 use crate::policy::{RouteHint, Routing};
 use crate::pool::Pool;
 use crate::upstream::{Conn, Connections};
-use crate::worker::{InFlight, Transition, Worker};
+use crate::worker::{InFlight, Role, Transition, Worker};
 
 /// Attempts for a request whose worker failed after it was sent (connect failures, where
 /// nothing was sent, may try every live worker).
 const MAX_SENT_ATTEMPTS: usize = 2;
 
 /// What to send; built once per client request, reused across attempts.
+#[derive(Clone)]
 pub struct Outbound {
     pub method: Method,
     pub path: PathAndQuery,
@@ -39,7 +40,8 @@ pub struct Answer {
     pub lease: Lease,
 }
 
-enum Failure {
+/// How one attempt on one worker failed.
+pub enum Failure {
     /// Nothing reached the worker.
     Connect(String),
     /// The request may have reached the worker, which then failed without answering.
@@ -47,21 +49,44 @@ enum Failure {
     Timeout,
 }
 
+impl Failure {
+    /// The client's error for this failure on the worker at `url`.
+    pub fn into_error(self, url: &str, timeout: Option<Duration>) -> RouterError {
+        let url = url.to_owned();
+        match self {
+            Self::Timeout => RouterError::Timeout {
+                url,
+                secs: timeout.map_or(0.0, |t| t.as_secs_f64()),
+            },
+            Self::Connect(reason) => RouterError::Connect { url, reason },
+            Self::Unanswered(reason) => RouterError::Upstream { url, reason },
+        }
+    }
+}
+
 /// One serving thread's way to the workers.
 #[derive(Clone)]
 pub struct Proxy {
     connections: Arc<Connections>,
     permits: Arc<Semaphore>,
+    /// How many permits `permits` started with.
+    capacity: u32,
     timeout: Option<Duration>,
     failure_threshold: u32,
 }
 
 impl Proxy {
     /// A proxy for one serving thread; `permits` bounds connections across all threads.
-    pub fn new(permits: Arc<Semaphore>, timeout: Option<Duration>, failure_threshold: u32) -> Self {
+    pub fn new(
+        permits: Arc<Semaphore>,
+        capacity: u32,
+        timeout: Option<Duration>,
+        failure_threshold: u32,
+    ) -> Self {
         Self {
             connections: Arc::default(),
             permits,
+            capacity,
             timeout,
             failure_threshold,
         }
@@ -71,18 +96,36 @@ impl Proxy {
         self.timeout
     }
 
-    /// Sends `out` to the best live worker, moving to another when one fails before
-    /// answering.
-    pub async fn send(&self, pool: &Pool, out: &mut Outbound) -> Result<Answer, RouterError> {
+    /// Removes what describes the client's connection rather than the request; each worker
+    /// request gets its own Host and framing.
+    pub fn prepare(out: &mut Outbound) {
         strip_hop_by_hop(&mut out.headers);
         out.headers.remove(header::HOST);
         out.headers.remove(header::CONTENT_LENGTH);
-        let permit = self
-            .permits
+    }
+
+    /// `n` of the `--slime-router-max-connections` permits, at most all of them.
+    pub async fn permits(&self, n: u32) -> Result<OwnedSemaphorePermit, RouterError> {
+        self.permits
             .clone()
-            .acquire_owned()
+            .acquire_many_owned(n.min(self.capacity))
             .await
-            .map_err(|_| RouterError::ShuttingDown)?;
+            .map_err(|_| RouterError::ShuttingDown)
+    }
+
+    /// Counts a failed attempt against its worker, which may take it out of routing.
+    pub fn count_failure(&self, worker: &Worker) {
+        worker.counters().failures.inc();
+        if worker.record_failure(self.failure_threshold) == Some(Transition::Died) {
+            tracing::warn!(worker = worker.url(), "worker DEAD after repeated failures");
+        }
+    }
+
+    /// Sends `out` to the best live worker, moving to another when one fails before
+    /// answering.
+    pub async fn send(&self, pool: &Pool, out: &mut Outbound) -> Result<Answer, RouterError> {
+        Self::prepare(out);
+        let permit = self.permits(1).await?;
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = RouterError::NoLiveWorker;
         let mut sent_attempts = 0;
@@ -92,7 +135,7 @@ impl Proxy {
                 headers: &out.headers,
                 body: &out.body,
             };
-            let Some(slot) = pool.pick(&routing, out.hint.as_ref(), &tried) else {
+            let Some(slot) = pool.pick(&routing, out.hint.as_ref(), &tried, Role::Regular) else {
                 break;
             };
             let failure = match self.attempt(out, &slot).await {
@@ -105,25 +148,15 @@ impl Proxy {
                 Err(failure) => failure,
             };
             let worker = slot.worker().clone();
-            worker.counters().failures.inc();
-            let url = worker.url().to_owned();
-            match failure {
-                Failure::Timeout => {
-                    let secs = self.timeout.map_or(0.0, |t| t.as_secs_f64());
-                    return Err(RouterError::Timeout { url, secs });
-                }
-                Failure::Connect(reason) => {
-                    last_error = RouterError::Connect { url, reason };
-                }
-                Failure::Unanswered(reason) => {
-                    sent_attempts += 1;
-                    last_error = RouterError::Upstream { url, reason };
-                }
+            let timed_out = matches!(failure, Failure::Timeout);
+            sent_attempts += usize::from(matches!(failure, Failure::Unanswered(_)));
+            last_error = failure.into_error(worker.url(), self.timeout);
+            if timed_out {
+                worker.counters().failures.inc();
+                return Err(last_error);
             }
             tracing::warn!(error = %last_error, "retrying on another worker");
-            if worker.record_failure(self.failure_threshold) == Some(Transition::Died) {
-                tracing::warn!(worker = worker.url(), "worker DEAD after repeated failures");
-            }
+            self.count_failure(&worker);
             tried.push(worker);
             if sent_attempts >= MAX_SENT_ATTEMPTS {
                 break;
@@ -132,7 +165,8 @@ impl Proxy {
         Err(last_error)
     }
 
-    async fn attempt(
+    /// One request on the worker of `slot`, under the response timeout.
+    pub async fn attempt(
         &self,
         out: &Outbound,
         slot: &InFlight,

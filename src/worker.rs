@@ -61,6 +61,83 @@ impl WorkerUrl {
     }
 }
 
+/// A worker's part in serving: SGLang router's `worker_type`. Prefill and decode workers
+/// serve generation in pairs; regular ones alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerType {
+    /// Serves whole requests.
+    Regular,
+    /// Computes prompts and hands their KV cache to a decode worker via its bootstrap server.
+    Prefill {
+        /// The port of its bootstrap server, when registered with one.
+        bootstrap_port: Option<u16>,
+    },
+    /// Generates from a KV cache a prefill worker sent.
+    Decode,
+}
+
+/// [`WorkerType`] without its details, to filter workers by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Regular workers.
+    Regular,
+    /// Prefill workers.
+    Prefill,
+    /// Decode workers.
+    Decode,
+}
+
+impl WorkerType {
+    /// The type named `name` (`regular` when absent), with a prefill's bootstrap port.
+    pub fn parse(name: Option<&str>, bootstrap_port: Option<u16>) -> Result<Self, String> {
+        let kind = match name.unwrap_or("regular") {
+            "regular" => Self::Regular,
+            "prefill" => Self::Prefill { bootstrap_port },
+            "decode" => Self::Decode,
+            other => {
+                return Err(format!(
+                    "unknown worker_type {other:?}: expected regular, prefill or decode"
+                ));
+            }
+        };
+        if bootstrap_port.is_some() && !matches!(kind, Self::Prefill { .. }) {
+            return Err("bootstrap_port is only for prefill workers".to_owned());
+        }
+        Ok(kind)
+    }
+
+    /// `regular`, `prefill` or `decode`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Regular => "regular",
+            Self::Prefill { .. } => "prefill",
+            Self::Decode => "decode",
+        }
+    }
+
+    /// The role, without the bootstrap port.
+    pub fn role(self) -> Role {
+        match self {
+            Self::Regular => Role::Regular,
+            Self::Prefill { .. } => Role::Prefill,
+            Self::Decode => Role::Decode,
+        }
+    }
+}
+
+/// The id `/workers` knows a url by: the same for the same url in every registration and
+/// every run (slime pastes it into `DELETE /workers/{id}`), and made of hex digits only, so
+/// it needs no encoding in a path. FNV-1a of the canonical url.
+pub fn worker_id(url: &WorkerUrl) -> String {
+    let hash = url
+        .as_str()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("{hash:016x}")
+}
+
 /// A health state change worth logging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
@@ -76,6 +153,8 @@ pub struct Worker {
     /// Unique for the process (a re-added url gets a new one); small, so it can index.
     index: usize,
     url: WorkerUrl,
+    id: String,
+    kind: WorkerType,
     in_flight: AtomicUsize,
     live: AtomicBool,
     consecutive_failures: AtomicU32,
@@ -89,12 +168,15 @@ impl Worker {
     pub(crate) fn new(
         index: usize,
         url: WorkerUrl,
+        kind: WorkerType,
         counters: WorkerCounters,
         latency: Histogram,
     ) -> Self {
         Self {
             index,
+            id: worker_id(&url),
             url,
+            kind,
             in_flight: AtomicUsize::new(0),
             live: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
@@ -107,6 +189,24 @@ impl Worker {
     /// The canonical url.
     pub fn url(&self) -> &str {
         self.url.as_str()
+    }
+
+    /// The stable id of `GET /workers`.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Regular, prefill (with its bootstrap port) or decode.
+    pub fn kind(&self) -> WorkerType {
+        self.kind
+    }
+
+    /// The host part of its url, as a prefill's `bootstrap_host` (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        let host = self.url.authority.host();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
     }
 
     pub(crate) fn worker_url(&self) -> &WorkerUrl {
@@ -223,5 +323,16 @@ mod tests {
         ] {
             assert!(WorkerUrl::parse(bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn ids_are_stable_hex_per_url() {
+        let a = WorkerUrl::parse("http://127.0.0.1:8000").unwrap();
+        let b = WorkerUrl::parse("http://127.0.0.1:8000/").unwrap();
+        let c = WorkerUrl::parse("http://127.0.0.1:8001").unwrap();
+        assert_eq!(worker_id(&a), worker_id(&b));
+        assert_ne!(worker_id(&a), worker_id(&c));
+        assert!(worker_id(&a).bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(worker_id(&a).len(), 16);
     }
 }

@@ -2,6 +2,7 @@
 //! server-sent events.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::body::{MockBody, event_stream, json};
-use crate::state::{InFlightCount, MockConfig, State, lock};
+use crate::state::{InFlightCount, MockConfig, Role, State, lock};
 
 /// The continuation every mock generation draws from.
 const PHRASE: &str = " the quick brown fox jumps over the lazy dog and keeps running far away";
@@ -23,6 +24,8 @@ struct Generation {
     logprob: bool,
     weight_version: String,
     routed_experts: Option<String>,
+    /// The bootstrap fields a decode leg got, echoed in `meta_info`.
+    bootstrap: Option<Value>,
 }
 
 impl Generation {
@@ -47,6 +50,11 @@ impl Generation {
         }
         if let Some(experts) = &self.routed_experts {
             meta["routed_experts"] = Value::String(experts.clone());
+        }
+        if let Some(Value::Object(fields)) = &self.bootstrap {
+            for (key, value) in fields {
+                meta[key] = value.clone();
+            }
         }
         json!({"text": self.texts[..n].concat(), "output_ids": ids, "meta_info": meta})
     }
@@ -78,14 +86,26 @@ pub(crate) async fn generate(
             &json!({"error": "mock failure"}),
         );
     }
-    let generation = match plan(config, state, &request) {
+    let bootstrap = match bootstrap(config.role, &request) {
+        Ok(bootstrap) => bootstrap,
+        Err(error) => return json(StatusCode::BAD_REQUEST, &json!({"error": error})),
+    };
+    let mut generation = match plan(config, state, &request) {
         Ok(generation) => generation,
         Err(error) => return json(StatusCode::BAD_REQUEST, &json!({"error": error})),
     };
+    if config.role == Role::Prefill {
+        // A prefill server computes the prompt only; the decode leg generates.
+        generation.ids.clear();
+        generation.texts.clear();
+    }
+    generation.bootstrap = bootstrap;
+    let _generating = Generating::enter(state, &generation);
     let pace = (config.tokens_per_second > 0.0)
         .then(|| Duration::from_secs_f64(1.0 / config.tokens_per_second));
-    if request.get("stream").and_then(Value::as_bool) == Some(true) {
-        return stream(generation, pace, count);
+    let streamed = request.get("stream").and_then(Value::as_bool) == Some(true);
+    if streamed && config.role != Role::Prefill {
+        return stream(generation, pace, count, _generating);
     }
     if let Some(pace) = pace {
         tokio::time::sleep(pace * generation.ids.len() as u32).await;
@@ -145,7 +165,53 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
         logprob,
         weight_version,
         routed_experts,
+        bootstrap: None,
     })
+}
+
+/// The bootstrap fields a prefill or decode mock needs (decode echoes them); `None` for a
+/// regular one. SGLang's servers fail a disaggregated request without them.
+fn bootstrap(role: Role, request: &Value) -> Result<Option<Value>, String> {
+    if role == Role::Regular {
+        return Ok(None);
+    }
+    let field = |name: &str| request.get(name).cloned();
+    let (host, room) = (field("bootstrap_host"), field("bootstrap_room"));
+    let valid_host = host.as_ref().is_some_and(Value::is_string);
+    let valid_room = room.as_ref().is_some_and(|r| r.is_u64() || r.is_array());
+    if !valid_host || !valid_room {
+        return Err(format!(
+            "a {role:?} worker needs bootstrap_host and bootstrap_room (got {host:?}, {room:?})"
+        ));
+    }
+    Ok(Some(json!({
+        "bootstrap_host": host,
+        "bootstrap_port": field("bootstrap_port").unwrap_or(Value::Null),
+        "bootstrap_room": room,
+    })))
+}
+
+/// Counts a generation on /metrics while it runs, and its tokens once.
+struct Generating(Arc<State>);
+
+impl Generating {
+    fn enter(state: &Arc<State>, generation: &Generation) -> Self {
+        state.generating.fetch_add(1, Ordering::Relaxed);
+        state.generations.fetch_add(1, Ordering::Relaxed);
+        state
+            .prompt_tokens
+            .fetch_add(generation.prompt_tokens as u64, Ordering::Relaxed);
+        state
+            .generated_tokens
+            .fetch_add(generation.ids.len() as u64, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        self.0.generating.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Per-token texts must concatenate to the decoded whole; tokens that split a character
@@ -190,10 +256,11 @@ fn stream(
     generation: Generation,
     pace: Option<Duration>,
     count: InFlightCount,
+    generating: Generating,
 ) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let _count = count;
+        let _count = (count, generating);
         let total = generation.ids.len();
         for n in 1..=total {
             if let Some(pace) = pace {

@@ -4,6 +4,9 @@
 //! which answers with the request body byte for byte. It binds before it returns its URL, so
 //! a test never sleeps waiting for it.
 //!
+//! With `role: Prefill` or `Decode` it plays one side of a prefill/decode pair (see
+//! [`Role`]). `/metrics` answers in SGLang's naming (`sglang:num_running_reqs`, ...).
+//!
 //! Per-request knobs (headers): `x-mock-delay-ms` delays the answer, `x-mock-status` forces
 //! a status. `POST /mock/health?healthy=false` makes `/health` answer 503 (and `=true` undoes
 //! it), for demos of the router's health checks.
@@ -27,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 pub use generate::mock_logprob;
-pub use state::{MockConfig, Seen};
+pub use state::{MockConfig, Role, Seen};
 pub use tokenizer::Tokenizer;
 
 use state::{State, lock};

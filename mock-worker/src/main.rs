@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mock_worker::{MockConfig, MockWorker, load_tokenizer};
+use mock_worker::{MockConfig, MockWorker, Role, load_tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,10 @@ struct Args {
     /// Size of a base64-like meta_info.routed_experts in every answer (0: none).
     #[arg(long, default_value_t = 0)]
     routed_experts_bytes: usize,
+    /// regular, prefill (answers after --delay-ms with no output) or decode (echoes the
+    /// bootstrap fields); prefill and decode refuse requests without bootstrap fields.
+    #[arg(long, default_value = "regular", value_parser = ["regular", "prefill", "decode"])]
+    role: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +52,11 @@ fn main() -> anyhow::Result<()> {
         tokenizer,
         record: false,
         routed_experts_bytes: args.routed_experts_bytes,
+        role: match args.role.as_str() {
+            "prefill" => Role::Prefill,
+            "decode" => Role::Decode,
+            _ => Role::Regular,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

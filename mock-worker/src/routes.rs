@@ -75,6 +75,7 @@ pub(crate) async fn respond(
             StatusCode::OK,
             &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true}),
         ),
+        (&Method::GET, "/metrics") => metrics(state),
         (_, "/abort_request" | "/flush_cache") => json(StatusCode::OK, &json!({"success": true})),
         (_, "/echo") => echo(&parts, body),
         _ => json(
@@ -101,5 +102,56 @@ fn echo(parts: &http::request::Parts, body: Bytes) -> Response<MockBody> {
     if let Ok(path) = HeaderValue::from_str(path) {
         headers.insert("x-echo-path", path);
     }
+    response
+}
+
+/// A few of an SGLang engine's own metrics, in its naming and labels.
+fn metrics(state: &State) -> Response<MockBody> {
+    let load = |value: &std::sync::atomic::AtomicU64| value.load(Ordering::Relaxed);
+    let running = state.generating.load(Ordering::Relaxed);
+    let labels = r#"{model_name="mock",engine_type="unified",tp_rank="0",pp_rank="0"}"#;
+    let mut text = String::new();
+    for (name, kind, help, value) in [
+        (
+            "num_running_reqs",
+            "gauge",
+            "The number of running requests.",
+            running as u64,
+        ),
+        (
+            "num_queue_reqs",
+            "gauge",
+            "The number of requests in the waiting queue.",
+            0,
+        ),
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            load(&state.prompt_tokens),
+        ),
+        (
+            "generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            load(&state.generated_tokens),
+        ),
+        (
+            "num_requests_total",
+            "counter",
+            "Number of requests processed.",
+            load(&state.generations),
+        ),
+    ] {
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        text.push_str(&format!(
+            "# HELP sglang:{family} {help}\n# TYPE sglang:{family} {kind}\nsglang:{name}{labels} {value}\n"
+        ));
+    }
+    let mut response = Response::new(full(text));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
     response
 }

@@ -1,6 +1,6 @@
 //! What the mock is told (its config) and what it keeps (counts, recorded requests).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,9 +9,24 @@ use http::{HeaderMap, Method};
 
 use crate::tokenizer::Tokenizer;
 
+/// The part a mock plays in a prefill/decode deployment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Serves whole generations.
+    #[default]
+    Regular,
+    /// Answers after its prefill delay with no output, as an SGLang prefill server does.
+    Prefill,
+    /// Generates, and echoes the bootstrap fields it got in `meta_info`.
+    Decode,
+}
+
 /// How the mock behaves; defaults answer at once.
 #[derive(Clone, Default)]
 pub struct MockConfig {
+    /// Regular, prefill or decode; prefill and decode refuse generations without the
+    /// bootstrap fields (400).
+    pub role: Role,
     /// Delay before every answer.
     pub delay: Duration,
     /// Fraction of /generate requests answered with 500.
@@ -50,6 +65,11 @@ pub(crate) struct State {
     pub requests: AtomicUsize,
     pub seen: Mutex<Vec<Seen>>,
     pub scripted: Mutex<Option<Vec<u32>>>,
+    /// `/generate` requests being answered now.
+    pub generating: AtomicUsize,
+    pub generations: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -21,14 +21,13 @@ use http::{HeaderMap, Response, header};
 use http_body_util::BodyExt;
 
 use self::bindings::{Hooks, Request, RequestAction};
-use self::edit::{
-    PROJECT_ABOVE, apply_request_patch, apply_response_patch, project, reply_response,
-};
+use self::edit::{apply_request_patch, apply_response_patch, reply_response};
 use self::engine::Engine;
 use self::host::{Hook, HookTimers, Shared};
 use self::instance::{Factory, Failure, FailureKind, Guest};
 use crate::body::{Lease, RouterBody};
 use crate::error::RouterError;
+use crate::json::{PROJECT_ABOVE, project};
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{Answer, Outbound};

@@ -12,10 +12,10 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::bindings::ChunkAction;
-use super::edit::{PROJECT_ABOVE, project_events};
 use super::host::Hook;
 use super::instance::Guest;
 use crate::body::{BodyError, Lease, RouterBody};
+use crate::json::{PROJECT_ABOVE, project_events};
 
 /// One middleware's part in a stream, with the state it carries between chunks.
 pub struct ChunkHook {

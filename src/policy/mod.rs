@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use crate::worker::Worker;
+use crate::worker::{Role, Worker};
 
 /// What a policy may read of the request it routes, after every `on-request` patch.
 #[derive(Debug, Clone, Copy)]
@@ -48,21 +48,23 @@ pub enum RouteHint {
     Among(Vec<String>),
 }
 
-/// The workers one pick may choose from: live, not tried yet for this request, and within
-/// the hint's urls when it narrowed them. Iterating allocates nothing.
+/// The workers one pick may choose from: live, of the role asked, not tried yet for this
+/// request, and within the hint's urls when it narrowed them. Iterating allocates nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidates<'a> {
     workers: &'a [Arc<Worker>],
     tried: &'a [Arc<Worker>],
+    role: Role,
     only: Option<&'a [String]>,
 }
 
 impl<'a> Candidates<'a> {
-    /// Every usable worker of `workers`.
-    pub fn new(workers: &'a [Arc<Worker>], tried: &'a [Arc<Worker>]) -> Self {
+    /// Every usable worker of `workers` with this role.
+    pub fn new(workers: &'a [Arc<Worker>], tried: &'a [Arc<Worker>], role: Role) -> Self {
         Self {
             workers,
             tried,
+            role,
             only: None,
         }
     }
@@ -72,10 +74,12 @@ impl<'a> Candidates<'a> {
         let Self {
             workers,
             tried,
+            role,
             only,
         } = *self;
         workers.iter().filter(move |w| {
             w.is_live()
+                && w.kind().role() == role
                 && !tried.iter().any(|t| Arc::ptr_eq(t, w))
                 && only.is_none_or(|urls| urls.iter().any(|u| u == w.url()))
         })

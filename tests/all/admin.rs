@@ -85,14 +85,20 @@ async fn remove_and_sglang_style_worker_api() -> Result<()> {
             &json!({"url": b.url(), "worker_type": "prefill"}),
         )
         .await?;
-    assert_eq!(status, 400);
+    // b is registered as regular: registering it again as prefill is a conflict.
+    assert_eq!(status, 409);
     let (_, workers) = r.get("/workers").await?;
+    let id = |w: &serde_json::Value| w["id"].as_str().unwrap_or_default().to_owned();
+    let ids: Vec<String> = workers["workers"]
+        .as_array()
+        .map(|w| w.iter().map(id).collect())
+        .unwrap_or_default();
     assert_eq!(
         workers,
         json!({"workers": [
-            {"url": a.url(), "worker_type": "regular", "active_requests": 0, "is_healthy": true},
-            {"url": b.url(), "worker_type": "regular", "active_requests": 0, "is_healthy": true},
-        ]})
+            {"id": ids[0], "url": a.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true},
+            {"id": ids[1], "url": b.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true},
+        ], "total": 2, "stats": {"regular_count": 2, "prefill_count": 0, "decode_count": 0}})
     );
     let (status, body) = r
         .post(&format!("/remove_worker?url={}", a.url()), &json!(null))

@@ -154,3 +154,12 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
+
+/// Waits until nothing accepts connections at `addr` (a killed mock's listener is closed by
+/// its aborted task, a moment after `kill`).
+pub async fn wait_closed(addr: std::net::SocketAddr) -> Result<()> {
+    eventually(2.0, async || {
+        Ok(tokio::net::TcpStream::connect(addr).await.is_err())
+    })
+    .await
+}
