@@ -8,7 +8,8 @@
 local default_body =
   '{"input_ids":[1,2,3,4,5,6,7,8],"sampling_params":{"max_new_tokens":16,"temperature":0},"stream":false}'
 
-wrk.method = "POST"
+-- BENCH_METHOD=GET sends GETs without a body (e.g. /engine_metrics).
+wrk.method = os.getenv("BENCH_METHOD") or "POST"
 -- BENCH_BODY_FILE names a file holding the body, for bodies too big for the environment.
 local function file_body()
   local path = os.getenv("BENCH_BODY_FILE")
@@ -19,8 +20,10 @@ local function file_body()
   return body
 end
 
-wrk.body = os.getenv("BENCH_BODY") or file_body() or default_body
-wrk.headers["Content-Type"] = "application/json"
+if wrk.method ~= "GET" then
+  wrk.body = os.getenv("BENCH_BODY") or file_body() or default_body
+  wrk.headers["Content-Type"] = "application/json"
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

@@ -15,9 +15,13 @@ from pathlib import Path
 GROUPS = {
     "static": {
         "title": "Static workers (nginx `return 200` JSON), POST /generate with input_ids",
-        "order": ["direct", "nginx", "sglang", "slime", "slime-noop", "slime-noop3"],
+        "order": ["direct", "nginx", "sglang", "slime", "slime-noop", "slime-noop3", "slime-pd"],
         "direct": "direct",
-        "baselines": [("nginx", "x nginx least_conn"), ("sglang", "x SGLang router")],
+        "baselines": [
+            ("nginx", "x nginx least_conn"),
+            ("sglang", "x SGLang router"),
+            ("slime", "x slime-router"),
+        ],
     },
     "mock": {
         "title": "mock-worker with a real tokenizer, POST /generate with text",

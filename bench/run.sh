@@ -31,7 +31,7 @@ BUILD=1
 PROFILE=0
 PROFILE_SECONDS=10
 ONLY=""
-ALL_TARGETS="direct,nginx,sglang,slime,slime-noop,slime-noop3,mock-direct,mock-slime,mock-radix,chaos"
+ALL_TARGETS="direct,nginx,sglang,slime,slime-noop,slime-noop3,slime-pd,mock-direct,mock-slime,mock-radix,chaos"
 
 usage() {
     cat <<EOF
@@ -491,6 +491,25 @@ EOF
     start_bg nginx-proxy nginx -p "$RUNDIR/proxy" -e "$OUT/logs/proxy.error.log" -c "$conf"
 }
 
+# register_pairs PID ROUTER_URL: the static workers as slime registers PD engines: the first
+# half prefill (bootstrap port 8998), the rest decode. Each request then goes to two workers.
+register_pairs() {
+    local pid=$1 base=$2 i kind deadline=$((SECONDS + 30))
+    until curl -fsS -o /dev/null "$base/workers" 2>/dev/null; do
+        alive "$pid" && [ $SECONDS -lt $deadline ] || return 0
+        sleep 0.1
+    done
+    for i in "${!STATIC_URLS[@]}"; do
+        if [ "$i" -lt $((${#STATIC_URLS[@]} / 2)) ]; then
+            kind='"worker_type":"prefill","bootstrap_port":8998'
+        else
+            kind='"worker_type":"decode"'
+        fi
+        curl -fsS -o /dev/null "$base/workers" -d "{\"url\":\"${STATIC_URLS[$i]}\",$kind}" ||
+            log "could not register ${STATIC_URLS[$i]} with $base"
+    done
+}
+
 start_sglang() { # PORT; sets LAST_PID
     local port=$1 prom
     alloc_port prom
@@ -697,7 +716,7 @@ main() {
 
     local started=$SECONDS port key
     # Static group: nginx workers, then every proxy in front of them.
-    if wanted_any direct nginx sglang slime slime-noop slime-noop3; then
+    if wanted_any direct nginx sglang slime slime-noop slime-noop3 slime-pd; then
         start_static_workers
         wanted direct && add_target static direct "direct to one worker" "${STATIC_URLS[0]}/generate" "$BODY_IDS" ""
         if wanted nginx; then
@@ -730,6 +749,12 @@ main() {
             start_router slime-noop3 "$port" --worker-urls "${STATIC_URLS[@]}" \
                 --slime-router-middleware-paths "$wasm_dir/noop.wasm" "$wasm_dir/noop.wasm" "$wasm_dir/noop.wasm"
             add_target static slime-noop3 "slime-router + 3x noop.wasm" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
+        fi
+        if wanted slime-pd; then
+            alloc_port port
+            start_router slime-pd "$port"
+            add_target static slime-pd "slime-router, prefill/decode pairs" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
+            register_pairs "$LAST_PID" "http://127.0.0.1:$port"
         fi
         local ready=()
         ready_targets static 90

@@ -143,9 +143,36 @@ fn metrics(state: &State) -> Response<MockBody> {
             load(&state.generations),
         ),
     ] {
-        let family = name.strip_suffix("_total").unwrap_or(name);
+        // prometheus_client's text format names a counter's family with its `_total`.
         text.push_str(&format!(
-            "# HELP sglang:{family} {help}\n# TYPE sglang:{family} {kind}\nsglang:{name}{labels} {value}\n"
+            "# HELP sglang:{name} {help}\n# TYPE sglang:{name} {kind}\nsglang:{name}{labels} {value}\n"
+        ));
+    }
+    // Histograms, as an engine exports them: most of a real /metrics is their buckets.
+    let requests = load(&state.generations);
+    for (family, help) in [
+        (
+            "time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+        ),
+        (
+            "e2e_request_latency_seconds",
+            "Histogram of End-to-end request latency in seconds",
+        ),
+    ] {
+        text.push_str(&format!(
+            "# HELP sglang:{family} {help}\n# TYPE sglang:{family} histogram\n"
+        ));
+        let labels = r#"model_name="mock",engine_type="unified""#;
+        for le in [
+            "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "60.0", "+Inf",
+        ] {
+            text.push_str(&format!(
+                "sglang:{family}_bucket{{{labels},le=\"{le}\"}} {requests}\n"
+            ));
+        }
+        text.push_str(&format!(
+            "sglang:{family}_sum{{{labels}}} 0.0\nsglang:{family}_count{{{labels}}} {requests}\n"
         ));
     }
     let mut response = Response::new(full(text));

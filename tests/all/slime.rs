@@ -185,7 +185,7 @@ async fn engine_metrics_merges_every_engine_labelled_by_worker() -> Result<()> {
         "{text}"
     );
     assert_eq!(
-        text.matches("# HELP sglang:num_requests ").count(),
+        text.matches("# HELP sglang:num_requests_total ").count(),
         1,
         "{text}"
     );
