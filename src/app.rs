@@ -1,16 +1,22 @@
 //! The state every request handler shares, across all serving threads: the pool, the
 //! middleware pipeline, metrics, and the settings the data path reads.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use http::HeaderName;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::health::ProbeNow;
 use crate::metrics::Metrics;
 use crate::middleware::{Pipeline, PipelineOptions};
+use crate::policy::cache_aware::CacheAware;
+use crate::policy::least_in_flight::LeastInFlight;
+use crate::policy::session::{DEFAULT_HEADERS, Sessions};
+use crate::policy::{LoadBound, Policy};
 use crate::pool::Pool;
 use crate::proxy::Proxy;
 use crate::tokenizer::Tokenizer;
@@ -43,7 +49,7 @@ impl App {
     /// and every middleware. Fails on any configuration error, naming the culprit.
     pub async fn load(config: &Config, probe_now: ProbeNow) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
-        let pool = Arc::new(Pool::new(metrics.clone()));
+        let pool = Arc::new(pool(config, metrics.clone())?);
         for raw in &config.worker_urls {
             let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
             pool.add(url, WorkerType::Regular)
@@ -132,4 +138,39 @@ impl App {
             self.failure_threshold,
         )
     }
+}
+
+/// The pool with `--policy` and session keys from `config`.
+fn pool(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Pool> {
+    let bound = LoadBound {
+        abs: config.balance_abs_threshold,
+        rel: config.balance_rel_threshold,
+    };
+    let policy: Box<dyn Policy> = match config.policy.as_str() {
+        "cache_aware" => {
+            let capacity = usize::try_from(config.cache_capacity_tokens).unwrap_or(usize::MAX);
+            Box::new(CacheAware::new(bound, capacity, &metrics))
+        }
+        _ => Box::new(LeastInFlight),
+    };
+    let mut headers = Vec::new();
+    for name in DEFAULT_HEADERS
+        .iter()
+        .copied()
+        .chain(config.routing_key_headers.iter().map(String::as_str))
+    {
+        let header = HeaderName::from_bytes(name.trim().to_ascii_lowercase().as_bytes())
+            .map_err(|_| anyhow::anyhow!("--routing-key-headers: {name:?} is not a header name"))?;
+        headers.push(header);
+    }
+    let max = usize::try_from(config.max_sessions).unwrap_or(usize::MAX);
+    let sessions = Sessions::new(
+        headers,
+        bound,
+        Duration::from_secs_f64(config.session_idle_secs),
+        NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN),
+        &metrics,
+    );
+    tracing::debug!(policy = policy.name(), "routing policy");
+    Ok(Pool::with_policy(metrics, policy, Some(sessions)))
 }

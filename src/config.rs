@@ -90,9 +90,49 @@ pub struct Config {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
 
+    /// Routing policy: `least_in_flight` (fewest requests in flight, random ties) or
+    /// `cache_aware` (the worker most likely holding the prompt's prefix in its KV cache,
+    /// within the load bound). Session keys are honoured under either.
+    #[arg(long, default_value = "least_in_flight", value_parser = ["least_in_flight", "cache_aware"])]
+    pub policy: String,
+
+    /// More headers that carry a session key, besides X-SMG-Routing-Key and X-Session-ID.
+    #[arg(long, num_args = 1.., value_name = "HEADER")]
+    pub routing_key_headers: Vec<String>,
+
+    /// Load bound of session and prefix affinity: a worker is overloaded when its requests in
+    /// flight exceed the least loaded worker's by more than this and by more than
+    /// --balance-rel-threshold times it.
+    #[arg(long, default_value_t = 16)]
+    pub balance_abs_threshold: usize,
+
+    /// See --balance-abs-threshold.
+    #[arg(long, default_value_t = 1.5, value_parser = at_least_one)]
+    pub balance_rel_threshold: f64,
+
+    /// Seconds a session key's pin lasts unused.
+    #[arg(long, default_value_t = 3600.0, value_parser = positive_secs)]
+    pub session_idle_secs: f64,
+
+    /// Session keys pinned at most; beyond it the least recently used is dropped.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions: u64,
+
+    /// Prompt tokens the cache_aware index remembers per worker (LRU), to mirror the worker's
+    /// own prefix cache; about its KV cache capacity.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(16..))]
+    pub cache_capacity_tokens: u64,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
     pub shutdown_timeout: f64,
+}
+
+fn at_least_one(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 1.0 => Ok(v),
+        _ => Err(format!("expected a number of at least 1, got {s:?}")),
+    }
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {

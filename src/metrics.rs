@@ -55,6 +55,32 @@ pub struct WorkerCounters {
     pub failures: Counter,
 }
 
+/// Counters of how session keys were routed.
+#[derive(Clone, Debug)]
+pub struct SessionCounters {
+    /// Requests that went to their key's pinned worker.
+    pub hits: Counter,
+    /// Keys placed for the first time (or again after `/finish_session`).
+    pub new: Counter,
+    moves: Family<CauseLabel, Counter>,
+}
+
+impl SessionCounters {
+    /// Keys that left their worker for `cause` (overload, dead, removed, expired).
+    pub fn moves(&self, cause: &str) -> Counter {
+        self.moves
+            .get_or_create(&CauseLabel {
+                cause: cause.to_owned(),
+            })
+            .clone()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: String,
+}
+
 /// Every metric the router exports.
 pub struct Metrics {
     /// Locked only to register a collector (startup) and to render a scrape.
@@ -68,6 +94,9 @@ pub struct Metrics {
     guest_counters: Family<GuestMetricLabel, Counter>,
     guest_gauges: Family<GuestMetricLabel, Gauge>,
     engine_metrics_failures: Family<WorkerLabel, Counter>,
+    sessions: SessionCounters,
+    prefix_match_tokens: Histogram,
+    prefix_index_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -92,6 +121,39 @@ impl Metrics {
         let guest_counters = Family::<GuestMetricLabel, Counter>::default();
         let guest_gauges = Family::<GuestMetricLabel, Gauge>::default();
         let engine_metrics_failures = Family::<WorkerLabel, Counter>::default();
+        let sessions = SessionCounters {
+            hits: Counter::default(),
+            new: Counter::default(),
+            moves: Family::default(),
+        };
+        registry.register(
+            "session_hits",
+            "Requests that went to their session key's pinned worker",
+            sessions.hits.clone(),
+        );
+        registry.register(
+            "session_new",
+            "Session keys placed by the routing policy for the first time",
+            sessions.new.clone(),
+        );
+        registry.register(
+            "session_moves",
+            "Session keys moved off their worker, by cause",
+            sessions.moves.clone(),
+        );
+        // 16 tokens (one block) .. ~1M tokens.
+        let prefix_match_tokens = Histogram::new(exponential_buckets(16.0, 2.0, 17));
+        registry.register(
+            "prefix_match_tokens",
+            "Prompt tokens of a request found on its best worker by --policy cache_aware",
+            prefix_match_tokens.clone(),
+        );
+        let prefix_index_bytes = Gauge::default();
+        registry.register(
+            "prefix_index_bytes",
+            "Approximate memory of the cache_aware prefix index",
+            prefix_index_bytes.clone(),
+        );
         registry.register("requests", "Requests sent to each worker", requests.clone());
         registry.register(
             "request_failures",
@@ -144,7 +206,25 @@ impl Metrics {
             guest_counters,
             guest_gauges,
             engine_metrics_failures,
+            sessions,
+            prefix_match_tokens,
+            prefix_index_bytes,
         }
+    }
+
+    /// The session routing counters.
+    pub fn session_counters(&self) -> SessionCounters {
+        self.sessions.clone()
+    }
+
+    /// The histogram of prefix lengths matched by cache_aware, in tokens.
+    pub fn prefix_match_tokens(&self) -> Histogram {
+        self.prefix_match_tokens.clone()
+    }
+
+    /// The gauge of the prefix index's memory.
+    pub fn prefix_index_bytes(&self) -> Gauge {
+        self.prefix_index_bytes.clone()
     }
 
     /// Adds metrics sampled at each scrape from state owned elsewhere.

@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, WorkerLabel};
 use crate::policy::least_in_flight::LeastInFlight;
+use crate::policy::session::Sessions;
 use crate::policy::{Candidates, Policy, RouteHint, Routing};
 use crate::worker::{InFlight, Role, Worker, WorkerType, WorkerUrl};
 
@@ -24,24 +25,36 @@ type Workers = Arc<RwLock<Arc<[Arc<Worker>]>>>;
 pub struct Pool {
     workers: Workers,
     policy: Box<dyn Policy>,
+    sessions: Option<Sessions>,
     metrics: Arc<Metrics>,
 }
 
 impl Pool {
-    /// An empty pool routing with least in flight.
+    /// An empty pool routing with least in flight, without session keys.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self::with_policy(metrics, Box::new(LeastInFlight))
+        Self::with_policy(metrics, Box::new(LeastInFlight), None)
     }
 
-    /// An empty pool routing with `policy`; registers its per-worker gauges on `metrics`.
-    pub fn with_policy(metrics: Arc<Metrics>, policy: Box<dyn Policy>) -> Self {
+    /// An empty pool routing with `policy`, and `sessions` keeping keys on their workers;
+    /// registers its per-worker gauges on `metrics`.
+    pub fn with_policy(
+        metrics: Arc<Metrics>,
+        policy: Box<dyn Policy>,
+        sessions: Option<Sessions>,
+    ) -> Self {
         let workers: Workers = Arc::new(RwLock::new(Arc::from(Vec::new())));
         metrics.register_collector(Box::new(WorkerGauges(workers.clone())));
         Self {
             workers,
             policy,
+            sessions,
             metrics,
         }
+    }
+
+    /// The session pins, when session keys are on.
+    pub fn sessions(&self) -> Option<&Sessions> {
+        self.sessions.as_ref()
     }
 
     /// The workers now, in registration order, dead ones included.
@@ -116,10 +129,11 @@ impl Pool {
         live(Role::Prefill) && live(Role::Decode)
     }
 
-    /// Takes an in-flight slot on the worker the policy chooses among the live ones of `role`
-    /// not in `tried`; a hint narrows the choice when it names a usable worker. Requests for
-    /// a regular worker go to a decode worker when no regular one is usable, as SGLang's
-    /// router sends non-generation calls in a prefill/decode deployment.
+    /// Takes an in-flight slot on a live worker of `role` not in `tried`. A middleware's hint
+    /// comes first (it narrows the choice when it names a usable worker), then the request's
+    /// session key (its pinned worker), then the policy. Requests for a regular worker go to
+    /// a decode worker when no regular one is usable, as SGLang's router sends
+    /// non-generation calls in a prefill/decode deployment.
     pub fn pick(
         &self,
         routing: &Routing<'_>,
@@ -133,9 +147,15 @@ impl Pool {
             all = Candidates::new(&workers, tried, Role::Decode);
         }
         let narrowed = hint.and_then(|hint| all.narrowed(hint));
-        let chosen = narrowed
-            .and_then(|candidates| self.policy.choose(routing, &candidates))
-            .or_else(|| self.policy.choose(routing, &all))?;
+        let policy = &*self.policy;
+        let chosen = match (narrowed, &self.sessions) {
+            (Some(narrowed), _) => policy.choose(routing, &narrowed),
+            (None, Some(sessions)) => match sessions.key(routing) {
+                Some(key) => sessions.pick(key, routing, &all, policy),
+                None => policy.choose(routing, &all),
+            },
+            (None, None) => policy.choose(routing, &all),
+        }?;
         Some(InFlight::take(chosen))
     }
 }

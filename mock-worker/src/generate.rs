@@ -18,7 +18,8 @@ const PHRASE: &str = " the quick brown fox jumps over the lazy dog and keeps run
 
 /// What one generation produces, before it is shaped into JSON.
 struct Generation {
-    prompt_tokens: usize,
+    prompt: Vec<u32>,
+    cached_tokens: usize,
     ids: Vec<u32>,
     texts: Vec<String>,
     logprob: bool,
@@ -34,9 +35,9 @@ impl Generation {
         let ids = &self.ids[..n];
         let mut meta = json!({
             "id": "mock",
-            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens": self.prompt.len(),
             "completion_tokens": n,
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
             "weight_version": self.weight_version,
             "finish_reason": if finished { json!({"type": "length", "length": n}) } else { Value::Null },
         });
@@ -104,11 +105,22 @@ pub(crate) async fn generate(
     let pace = (config.tokens_per_second > 0.0)
         .then(|| Duration::from_secs_f64(1.0 / config.tokens_per_second));
     let streamed = request.get("stream").and_then(Value::as_bool) == Some(true);
-    if streamed && config.role != Role::Prefill {
-        return stream(generation, pace, count, _generating);
-    }
-    if let Some(pace) = pace {
+    if let Some(scheduler) = state.scheduler.get() {
+        // Simulated time: the answer comes when the scheduler has run its prefill and steps.
+        let cached = scheduler
+            .generate(generation.prompt.clone(), generation.ids.clone())
+            .await
+            .unwrap_or(0);
+        state
+            .cached_tokens
+            .fetch_add(cached as u64, Ordering::Relaxed);
+        generation.cached_tokens = cached;
+    } else if let Some(pace) = pace.filter(|_| !streamed) {
         tokio::time::sleep(pace * generation.ids.len() as u32).await;
+    }
+    if streamed && config.role != Role::Prefill {
+        let pace = pace.filter(|_| state.scheduler.get().is_none());
+        return stream(generation, pace, count, _generating);
     }
     json(
         StatusCode::OK,
@@ -139,7 +151,9 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
             let start = prompt.iter().fold(prompt.len(), |h, &id| {
                 h.wrapping_mul(31).wrapping_add(id as usize)
             }) % PHRASE.len();
-            let phrase = format!("{}{}", &PHRASE[start..], PHRASE);
+            // Enough of the phrase for `max_new` tokens (a token is at least a byte).
+            let repeats = max_new.div_ceil(PHRASE.len()) + 1;
+            let phrase = format!("{}{}", &PHRASE[start..], PHRASE.repeat(repeats));
             let mut ids = encode(config, &phrase)?;
             ids.truncate(max_new);
             ids
@@ -159,7 +173,8 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
     let routed_experts = (config.routed_experts_bytes > 0)
         .then(|| "QUJD".repeat(config.routed_experts_bytes.div_ceil(4)));
     Ok(Generation {
-        prompt_tokens: prompt.len(),
+        prompt,
+        cached_tokens: 0,
         ids,
         texts,
         logprob,
@@ -200,7 +215,7 @@ impl Generating {
         state.generations.fetch_add(1, Ordering::Relaxed);
         state
             .prompt_tokens
-            .fetch_add(generation.prompt_tokens as u64, Ordering::Relaxed);
+            .fetch_add(generation.prompt.len() as u64, Ordering::Relaxed);
         state
             .generated_tokens
             .fetch_add(generation.ids.len() as u64, Ordering::Relaxed);

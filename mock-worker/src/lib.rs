@@ -13,6 +13,7 @@
 
 mod body;
 mod generate;
+mod kv;
 mod routes;
 mod state;
 mod tokenizer;
@@ -30,6 +31,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 pub use generate::mock_logprob;
+pub use kv::KvModel;
 pub use state::{MockConfig, Role, Seen};
 pub use tokenizer::Tokenizer;
 
@@ -53,6 +55,11 @@ impl MockWorker {
     pub async fn start_on(addr: SocketAddr, config: MockConfig) -> std::io::Result<Self> {
         let state = Arc::new(State::default());
         state.healthy.store(true, Ordering::Relaxed);
+        if let Some(model) = config.kv {
+            let _ = state
+                .scheduler
+                .set(kv::Scheduler::start(model, state.clone()));
+        }
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let server = Some(tokio::spawn(serve(listener, config.clone(), state.clone())));
@@ -101,6 +108,11 @@ impl MockWorker {
     /// The next /generate answers with exactly these output ids.
     pub fn script_output(&self, ids: Vec<u32>) {
         *lock(&self.state.scripted) = Some(ids);
+    }
+
+    /// Prompt tokens the KV cost model computed (not found in its cache) so far.
+    pub fn prefill_computed(&self) -> u64 {
+        self.state.prefill_computed.load(Ordering::Relaxed)
     }
 
     /// Requests received so far.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mock_worker::{MockConfig, MockWorker, Role, load_tokenizer};
+use mock_worker::{KvModel, MockConfig, MockWorker, Role, load_tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -39,6 +39,26 @@ struct Args {
     /// bootstrap fields); prefill and decode refuse requests without bootstrap fields.
     #[arg(long, default_value = "regular", value_parser = ["regular", "prefill", "decode"])]
     role: String,
+    /// Simulate a prefix KV cache of this many tokens and a batching scheduler, in
+    /// simulated time (the --prefill-us-per-token, --decode-ms-per-step, --max-running and
+    /// --max-prefill-tokens knobs apply); 0 is off.
+    #[arg(long, default_value_t = 0)]
+    kv_capacity_tokens: usize,
+    /// Prefill time per uncached prompt token, in microseconds (with --kv-capacity-tokens).
+    #[arg(long, default_value_t = 50.0)]
+    prefill_us_per_token: f64,
+    /// Time of one decode step for all running requests, in milliseconds...
+    #[arg(long, default_value_t = 10.0)]
+    decode_ms_per_step: f64,
+    /// ...plus this much per running request.
+    #[arg(long, default_value_t = 0.1)]
+    decode_ms_per_request: f64,
+    /// Requests running at once; more queue.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+    /// Uncached tokens one prefill batch may take (a longer prompt runs alone).
+    #[arg(long, default_value_t = 16384)]
+    max_prefill_tokens: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,6 +72,14 @@ fn main() -> anyhow::Result<()> {
         tokenizer,
         record: false,
         routed_experts_bytes: args.routed_experts_bytes,
+        kv: (args.kv_capacity_tokens > 0).then(|| KvModel {
+            capacity_tokens: args.kv_capacity_tokens,
+            prefill_per_token: Duration::from_secs_f64(args.prefill_us_per_token / 1e6),
+            decode_step: Duration::from_secs_f64(args.decode_ms_per_step / 1e3),
+            decode_per_request: Duration::from_secs_f64(args.decode_ms_per_request / 1e3),
+            max_running: args.max_running.max(1),
+            max_prefill_tokens: args.max_prefill_tokens.max(1),
+        }),
         role: match args.role.as_str() {
             "prefill" => Role::Prefill,
             "decode" => Role::Decode,

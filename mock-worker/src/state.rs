@@ -27,6 +27,9 @@ pub struct MockConfig {
     /// Regular, prefill or decode; prefill and decode refuse generations without the
     /// bootstrap fields (400).
     pub role: Role,
+    /// Simulate a prefix KV cache and a batching scheduler (see [`crate::KvModel`]): prompts
+    /// cost prefill time for their uncached tokens, outputs one decode step per token.
+    pub kv: Option<crate::kv::KvModel>,
     /// Delay before every answer.
     pub delay: Duration,
     /// Fraction of /generate requests answered with 500.
@@ -70,6 +73,11 @@ pub(crate) struct State {
     pub generations: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Prompt tokens found in the KV cost model's prefix cache, and those it computed.
+    pub cached_tokens: AtomicU64,
+    pub prefill_computed: AtomicU64,
+    /// The KV cost model's scheduler, with `MockConfig::kv`.
+    pub scheduler: std::sync::OnceLock<crate::kv::Scheduler>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,8 +1,10 @@
 //! The router's own endpoints: worker registration in SlimeRouter's shape (`legacy`) and in
-//! SGLang router's (`workers`), `/metrics` and `/engine_metrics`. Everything else is proxied.
+//! SGLang router's (`workers`), session keys (`sessions`), `/metrics` and `/engine_metrics`.
+//! Everything else is proxied.
 
 mod input;
 mod legacy;
+mod sessions;
 mod workers;
 
 use bytes::Bytes;
@@ -24,6 +26,7 @@ pub enum Route {
     Worker,
     Metrics,
     EngineMetrics,
+    FinishSession,
 }
 
 impl Route {
@@ -36,6 +39,7 @@ impl Route {
             "/workers" => Self::Workers,
             "/metrics" => Self::Metrics,
             "/engine_metrics" => Self::EngineMetrics,
+            "/finish_session" => Self::FinishSession,
             p if p.starts_with("/workers/") => Self::Worker,
             _ => return None,
         })
@@ -69,6 +73,7 @@ pub async fn serve(
         (Route::Worker, Method::DELETE) => workers::delete(app, &path),
         (Route::Metrics, Method::GET) => Ok(metrics(app)),
         (Route::EngineMetrics, Method::GET) => Ok(engine_metrics::serve(app).await),
+        (Route::FinishSession, Method::POST) => sessions::finish(app, req).await,
         (_, method) => Err(RouterError::MethodNotAllowed {
             method: method.to_string(),
             path,

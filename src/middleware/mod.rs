@@ -123,6 +123,8 @@ const RESERVED: &[&str] = &[
     "/list_workers",
     "/workers",
     "/metrics",
+    "/engine_metrics",
+    "/finish_session",
 ];
 
 /// Everything a response hook reads besides its own stash.

@@ -8,7 +8,10 @@
 //! Precedence: liveness first (a policy never sees a DEAD worker), then a middleware's hint
 //! (it narrows the candidates when it names a usable worker), then the policy.
 
+pub mod cache_aware;
 pub mod least_in_flight;
+pub mod prefix;
+pub mod session;
 
 use std::sync::Arc;
 
@@ -99,6 +102,47 @@ impl<'a> Candidates<'a> {
     }
 }
 
+/// When affinity (a session's worker, a cached prefix) gives way to load: a worker is
+/// overloaded when its in-flight count exceeds the least loaded candidate's by more than
+/// `abs` and is more than `rel` times it (`--balance-abs-threshold`,
+/// `--balance-rel-threshold`, as SGLang's router names them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadBound {
+    /// Requests in flight above the least loaded worker's that are always tolerated.
+    pub abs: usize,
+    /// How many times the least loaded worker's count is always tolerated.
+    pub rel: f64,
+}
+
+impl LoadBound {
+    /// Whether a worker with `load` in flight is overloaded next to `min`.
+    pub fn overloaded(&self, load: usize, min: usize) -> bool {
+        load.saturating_sub(min) > self.abs && load as f64 > min as f64 * self.rel
+    }
+}
+
+impl<'a> Candidates<'a> {
+    /// The fewest requests in flight on any candidate.
+    pub fn min_load(&self) -> Option<usize> {
+        self.iter().map(|w| w.in_flight()).min()
+    }
+
+    /// The role every candidate has.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether `worker` is one of the candidates.
+    pub fn contains(&self, worker: &Worker) -> bool {
+        self.iter().any(|w| std::ptr::eq(&**w, worker))
+    }
+
+    /// Every registered worker, usable or not (to tell a DEAD worker from a removed one).
+    pub fn registered(&self) -> &'a [Arc<Worker>] {
+        self.workers
+    }
+}
+
 /// Picks a worker among the candidates. Implementations keep whatever state they need
 /// (an index of prefixes, say) behind `&self`; they are shared by every serving thread.
 pub trait Policy: Send + Sync {
@@ -111,4 +155,8 @@ pub trait Policy: Send + Sync {
         routing: &Routing<'_>,
         candidates: &Candidates<'w>,
     ) -> Option<&'w Arc<Worker>>;
+
+    /// The request goes to `worker` without this policy choosing it (a session key kept it
+    /// there): a policy that tracks what workers received keeps its state in step.
+    fn sent_elsewhere(&self, _routing: &Routing<'_>, _worker: &Arc<Worker>) {}
 }

@@ -10,6 +10,7 @@ mod middleware;
 mod pd;
 mod proxy;
 mod radix;
+mod routing;
 mod shutdown;
 mod slime;
 mod streaming;
