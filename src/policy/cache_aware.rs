@@ -77,7 +77,7 @@ impl Policy for CacheAware {
         let best = least_loaded(candidates.iter().filter(|w| index.owns(owners, w)));
         let chosen = match best {
             Some(best) if matched > 0 && !self.bound.overloaded(best.in_flight(), min) => best,
-            _ => least_loaded(candidates.iter())?,
+            _ => index.placement(candidates, self.bound, min)?,
         };
         index.record(
             chosen,
@@ -142,6 +142,26 @@ impl Index {
     fn owns(&self, owners: u64, worker: &Worker) -> bool {
         self.slot_of(worker)
             .is_some_and(|slot| owners & (1 << slot) != 0)
+    }
+
+    /// Where a prompt no worker holds goes: among the workers within the load bound, the one
+    /// whose index holds the fewest tokens, so new prompts (the first turns of GRPO groups)
+    /// spread by how much each worker already caches rather than by a moment's in-flight
+    /// count, which a half-arrived group makes look low.
+    fn placement<'w>(
+        &self,
+        candidates: &Candidates<'w>,
+        bound: LoadBound,
+        min: usize,
+    ) -> Option<&'w Arc<Worker>> {
+        let cached = |w: &Worker| self.slot_of(w).map_or(0, |s| self.slots[s].tokens);
+        let within = || {
+            candidates
+                .iter()
+                .filter(move |w| !bound.overloaded(w.in_flight(), min))
+        };
+        let fewest = within().map(|w| cached(w)).min()?;
+        least_loaded(within().filter(|w| cached(w) == fewest))
     }
 
     /// The slots holding the longest prefix of `blocks` among the candidates, and its length.
