@@ -2,7 +2,7 @@
 //! server-sent events.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::body::{MockBody, event_stream, json};
-use crate::state::{InFlightCount, MockConfig, Role, State, lock};
+use crate::state::{Abort, InFlightCount, MockConfig, Role, State, lock};
 
 /// The continuation every mock generation draws from.
 const PHRASE: &str = " the quick brown fox jumps over the lazy dog and keeps running far away";
@@ -29,23 +29,37 @@ struct Generation {
     bootstrap: Option<Value>,
 }
 
+/// How a generation ended, for `finish_reason`.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    Running,
+    Length,
+    Abort,
+}
+
 impl Generation {
-    /// SGLang's response for the first `n` tokens (streams send cumulative events).
-    fn to_json(&self, n: usize, finished: bool) -> Value {
-        let ids = &self.ids[..n];
+    /// SGLang's response for output tokens `from..to` (everything before `to` unless the
+    /// stream is incremental).
+    fn to_json(&self, from: usize, to: usize, end: End) -> Value {
+        let ids = &self.ids[from..to];
+        let finish = match end {
+            End::Running => Value::Null,
+            End::Length => json!({"type": "length", "length": to}),
+            End::Abort => json!({"type": "abort", "message": "Aborted"}),
+        };
         let mut meta = json!({
             "id": "mock",
             "prompt_tokens": self.prompt.len(),
-            "completion_tokens": n,
+            "completion_tokens": to,
             "cached_tokens": self.cached_tokens,
             "weight_version": self.weight_version,
-            "finish_reason": if finished { json!({"type": "length", "length": n}) } else { Value::Null },
+            "finish_reason": finish,
         });
         if self.logprob {
             let logprobs: Vec<Value> = ids
                 .iter()
                 .enumerate()
-                .map(|(i, id)| json!([mock_logprob(i), id, null]))
+                .map(|(i, id)| json!([mock_logprob(from + i), id, null]))
                 .collect();
             meta["output_token_logprobs"] = Value::Array(logprobs);
         }
@@ -57,7 +71,59 @@ impl Generation {
                 meta[key] = value.clone();
             }
         }
-        json!({"text": self.texts[..n].concat(), "output_ids": ids, "meta_info": meta})
+        json!({"text": self.texts[from..to].concat(), "output_ids": ids, "meta_info": meta})
+    }
+}
+
+/// Registers a running generation for `/abort_request` until dropped.
+struct Running {
+    abort: Arc<Abort>,
+    state: Arc<State>,
+}
+
+impl Running {
+    fn enter(state: &Arc<State>, rid: Option<String>) -> Self {
+        let abort = Arc::new(Abort {
+            rid,
+            flag: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+        });
+        lock(&state.running).push(abort.clone());
+        Self {
+            abort,
+            state: state.clone(),
+        }
+    }
+
+    /// Waits `pace` (or not at all), or until aborted; true if aborted.
+    async fn wait(&self, pace: Option<Duration>) -> bool {
+        if let Some(pace) = pace {
+            let aborted = self.abort.notify.notified();
+            tokio::select! {
+                _ = tokio::time::sleep(pace) => {}
+                _ = aborted => {}
+            }
+        }
+        self.abort.is_set()
+    }
+
+    /// Waits while the worker is paused (or until aborted).
+    async fn unpaused(&self) {
+        let mut paused = self.state.paused.subscribe();
+        let aborted = self.abort.notify.notified();
+        tokio::select! {
+            _ = paused.wait_for(|p| !p) => {}
+            _ = aborted => {}
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        lock(&self.state.running).retain(|a| !Arc::ptr_eq(a, &self.abort));
+        if self.abort.is_set() {
+            self.state.aborted.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -102,6 +168,8 @@ pub(crate) async fn generate(
     }
     generation.bootstrap = bootstrap;
     let _generating = Generating::enter(state, &generation);
+    let running = Running::enter(state, rid_of(&request));
+    running.unpaused().await;
     let pace = (config.tokens_per_second > 0.0)
         .then(|| Duration::from_secs_f64(1.0 / config.tokens_per_second));
     let streamed = request.get("stream").and_then(Value::as_bool) == Some(true);
@@ -115,17 +183,39 @@ pub(crate) async fn generate(
             .cached_tokens
             .fetch_add(cached as u64, Ordering::Relaxed);
         generation.cached_tokens = cached;
-    } else if let Some(pace) = pace.filter(|_| !streamed) {
-        tokio::time::sleep(pace * generation.ids.len() as u32).await;
     }
+    let pace = pace.filter(|_| state.scheduler.get().is_none());
     if streamed && config.role != Role::Prefill {
-        let pace = pace.filter(|_| state.scheduler.get().is_none());
-        return stream(generation, pace, count, _generating);
+        return stream(
+            generation,
+            pace,
+            config.incremental,
+            (count, _generating, running),
+        );
     }
-    json(
-        StatusCode::OK,
-        &generation.to_json(generation.ids.len(), true),
-    )
+    let total = generation.ids.len();
+    let mut made = 0;
+    let mut end = End::Length;
+    while made < total {
+        if running.wait(pace).await {
+            end = End::Abort;
+            break;
+        }
+        made += 1;
+    }
+    if running.abort.is_set() {
+        end = End::Abort;
+    }
+    json(StatusCode::OK, &generation.to_json(0, made, end))
+}
+
+/// The request's `rid` (a batch's first).
+fn rid_of(request: &Value) -> Option<String> {
+    match request.get("rid")? {
+        Value::String(rid) => Some(rid.clone()),
+        Value::Array(rids) => rids.first()?.as_str().map(str::to_owned),
+        _ => None,
+    }
 }
 
 fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generation, String> {
@@ -165,11 +255,7 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
         .collect::<Result<Vec<_>, _>>()?;
     let texts = fix_split_chars(config, &ids, texts)?;
     let logprob = request.get("return_logprob").and_then(Value::as_bool) == Some(true);
-    let weight_version = if config.weight_version.is_empty() {
-        "default".to_owned()
-    } else {
-        config.weight_version.clone()
-    };
+    let weight_version = lock(&state.weight_version).clone();
     let routed_experts = (config.routed_experts_bytes > 0)
         .then(|| "QUJD".repeat(config.routed_experts_bytes.div_ceil(4)));
     Ok(Generation {
@@ -267,23 +353,32 @@ fn decode(config: &MockConfig, ids: &[u32]) -> Result<String, String> {
     }
 }
 
+/// What a stream's task holds until its last event: the request counts and abort switch.
+type Held = (InFlightCount, Generating, Running);
+
 fn stream(
     generation: Generation,
     pace: Option<Duration>,
-    count: InFlightCount,
-    generating: Generating,
+    incremental: bool,
+    held: Held,
 ) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let _count = (count, generating);
+        let (_count, _generating, running) = held;
         let total = generation.ids.len();
+        let mut sent = 0;
         for n in 1..=total {
-            if let Some(pace) = pace {
-                tokio::time::sleep(pace).await;
-            }
-            let event = format!("data: {}\n\n", generation.to_json(n, n == total));
-            if tx.send(Bytes::from(event)).await.is_err() {
-                return;
+            let aborted = running.wait(pace).await;
+            let (made, end) = match (aborted, n == total) {
+                (true, _) => (n - 1, End::Abort),
+                (false, true) => (n, End::Length),
+                (false, false) => (n, End::Running),
+            };
+            let from = if incremental { sent } else { 0 };
+            let event = format!("data: {}\n\n", generation.to_json(from, made, end));
+            sent = made;
+            if tx.send(Bytes::from(event)).await.is_err() || aborted {
+                break;
             }
         }
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;

@@ -7,11 +7,18 @@
 //! With `role: Prefill` or `Decode` it plays one side of a prefill/decode pair (see
 //! [`Role`]). `/metrics` answers in SGLang's naming (`sglang:num_running_reqs`, ...).
 //!
+//! For the RL control loop it serves `/pause_generation` (new generations wait) and
+//! `/continue_generation`, `/update_weights_from_disk` and the other weight updates (a
+//! `weight_version` in the body becomes the version it reports), and a rid-aware
+//! `/abort_request` (`{"rid"}` by prefix, as SGLang matches, or `{"abort_all": true}`): an
+//! aborted generation answers with its partial output and `finish_reason.type` `abort`.
+//!
 //! Per-request knobs (headers): `x-mock-delay-ms` delays the answer, `x-mock-status` forces
 //! a status. `POST /mock/health?healthy=false` makes `/health` answer 503 (and `=true` undoes
 //! it), for demos of the router's health checks.
 
 mod body;
+mod control;
 mod generate;
 mod kv;
 mod routes;
@@ -55,6 +62,11 @@ impl MockWorker {
     pub async fn start_on(addr: SocketAddr, config: MockConfig) -> std::io::Result<Self> {
         let state = Arc::new(State::default());
         state.healthy.store(true, Ordering::Relaxed);
+        *lock(&state.weight_version) = if config.weight_version.is_empty() {
+            "default".to_owned()
+        } else {
+            config.weight_version.clone()
+        };
         if let Some(model) = config.kv {
             let _ = state
                 .scheduler
@@ -115,6 +127,26 @@ impl MockWorker {
         self.state.prefill_computed.load(Ordering::Relaxed)
     }
 
+    /// Generations that ended aborted (by `/abort_request` or `/pause_generation`).
+    pub fn aborted(&self) -> usize {
+        self.state.aborted.load(Ordering::Relaxed)
+    }
+
+    /// Client connections open now (the router's upstream connections).
+    pub fn open_connections(&self) -> usize {
+        self.state.connections.load(Ordering::Relaxed)
+    }
+
+    /// The weight version it reports now.
+    pub fn weight_version(&self) -> String {
+        lock(&self.state.weight_version).clone()
+    }
+
+    /// Whether it is paused (`/pause_generation` without `/continue_generation` yet).
+    pub fn is_paused(&self) -> bool {
+        *self.state.paused.borrow()
+    }
+
     /// Requests received so far.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::Relaxed)
@@ -161,16 +193,34 @@ async fn serve(listener: TcpListener, config: MockConfig, state: Arc<State>) {
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let open = OpenConnection::new(&state);
         let (config, state) = (config.clone(), state.clone());
         let service = service_fn(move |req| {
             let (config, state) = (config.clone(), state.clone());
             async move { Ok::<_, Infallible>(routes::respond(&config, &state, req).await) }
         });
         connections.spawn(async move {
+            let _open = open;
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
         while connections.try_join_next().is_some() {}
+    }
+}
+
+/// Counts a client connection while it is open.
+struct OpenConnection(Arc<State>);
+
+impl OpenConnection {
+    fn new(state: &Arc<State>) -> Self {
+        state.connections.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -39,6 +39,10 @@ struct Args {
     /// bootstrap fields); prefill and decode refuse requests without bootstrap fields.
     #[arg(long, default_value = "regular", value_parser = ["regular", "prefill", "decode"])]
     role: String,
+    /// Stream incremental events (only the new text, ids and logprobs), as SGLang does with
+    /// --incremental-streaming-output.
+    #[arg(long)]
+    incremental_streaming: bool,
     /// Simulate a prefix KV cache of this many tokens and a batching scheduler, in
     /// simulated time (the --prefill-us-per-token, --decode-ms-per-step, --max-running and
     /// --max-prefill-tokens knobs apply); 0 is off.
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         tokenizer,
         record: false,
         routed_experts_bytes: args.routed_experts_bytes,
+        incremental: args.incremental_streaming,
         kv: (args.kv_capacity_tokens > 0).then(|| KvModel {
             capacity_tokens: args.kv_capacity_tokens,
             prefill_per_token: Duration::from_secs_f64(args.prefill_us_per_token / 1e6),

@@ -11,8 +11,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use crate::body::{MockBody, full, json};
-use crate::generate;
 use crate::state::{InFlightCount, MockConfig, Seen, State, lock};
+use crate::{control, generate};
 
 pub(crate) async fn respond(
     config: &MockConfig,
@@ -71,12 +71,14 @@ pub(crate) async fn respond(
             }
         }
         (&Method::POST, "/generate") => generate::generate(config, state, &body, count).await,
-        (_, "/get_model_info") => json(
+        (_, "/get_model_info" | "/model_info") => json(
             StatusCode::OK,
-            &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true}),
+            &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true,
+                    "weight_version": *lock(&state.weight_version)}),
         ),
+        (&Method::POST, path) if control::handles(path) => control::serve(state, path, &body),
         (&Method::GET, "/metrics") => metrics(state),
-        (_, "/abort_request" | "/flush_cache") => json(StatusCode::OK, &json!({"success": true})),
+        (_, "/flush_cache") => json(StatusCode::OK, &json!({"success": true})),
         (_, "/echo") => echo(&parts, body),
         _ => json(
             StatusCode::NOT_FOUND,

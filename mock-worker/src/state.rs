@@ -27,6 +27,9 @@ pub struct MockConfig {
     /// Regular, prefill or decode; prefill and decode refuse generations without the
     /// bootstrap fields (400).
     pub role: Role,
+    /// Stream SGLang's incremental output (`--incremental-streaming-output`): each event
+    /// carries only the new text, `output_ids` and logprobs, not everything so far.
+    pub incremental: bool,
     /// Simulate a prefix KV cache and a batching scheduler (see [`crate::KvModel`]): prompts
     /// cost prefill time for their uncached tokens, outputs one decode step per token.
     pub kv: Option<crate::kv::KvModel>,
@@ -78,6 +81,29 @@ pub(crate) struct State {
     pub prefill_computed: AtomicU64,
     /// The KV cost model's scheduler, with `MockConfig::kv`.
     pub scheduler: std::sync::OnceLock<crate::kv::Scheduler>,
+    /// The weight version it reports (`MockConfig::weight_version`, then what updates set).
+    pub weight_version: Mutex<String>,
+    /// True between `/pause_generation` and `/continue_generation`: new generations wait.
+    pub paused: tokio::sync::watch::Sender<bool>,
+    /// Generations running now, for `/abort_request`.
+    pub running: Mutex<Vec<Arc<Abort>>>,
+    /// Generations that ended aborted.
+    pub aborted: AtomicUsize,
+    /// Client connections open now.
+    pub connections: AtomicUsize,
+}
+
+/// One running generation's abort switch.
+pub(crate) struct Abort {
+    pub rid: Option<String>,
+    pub flag: AtomicBool,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Abort {
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -10,6 +10,7 @@ mod middleware;
 mod pd;
 mod proxy;
 mod radix;
+mod radix_fidelity;
 mod routing;
 mod shutdown;
 mod slime;
