@@ -12,13 +12,12 @@
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lru::LruCache;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::state::State;
 
 /// Tokens per cache block.
 pub const BLOCK: usize = 16;
@@ -55,10 +54,11 @@ pub struct Job {
 pub struct Scheduler(mpsc::UnboundedSender<Job>);
 
 impl Scheduler {
-    /// Starts the scheduler task for one worker.
-    pub fn start(model: KvModel, state: Arc<State>) -> Self {
+    /// Starts the scheduler task for one worker; `computed` counts the prompt tokens it
+    /// had to prefill.
+    pub fn start(model: KvModel, computed: Arc<AtomicU64>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(model, state, rx));
+        tokio::spawn(run(model, computed, rx));
         Self(tx)
     }
 
@@ -82,7 +82,7 @@ struct Running {
     generated: usize,
 }
 
-async fn run(model: KvModel, state: Arc<State>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+async fn run(model: KvModel, computed: Arc<AtomicU64>, mut jobs: mpsc::UnboundedReceiver<Job>) {
     let blocks = NonZeroUsize::new(model.capacity_tokens / BLOCK).unwrap_or(NonZeroUsize::MIN);
     let mut cache = Cache(LruCache::new(blocks));
     let mut waiting: std::collections::VecDeque<Job> = Default::default();
@@ -100,9 +100,7 @@ async fn run(model: KvModel, state: Arc<State>, mut jobs: mpsc::UnboundedReceive
         }
         if !waiting.is_empty() && running.len() < model.max_running {
             let (batch, uncached) = admit(&model, &mut cache, &mut waiting, running.len());
-            state
-                .prefill_computed
-                .fetch_add(uncached as u64, Ordering::Relaxed);
+            computed.fetch_add(uncached as u64, Ordering::Relaxed);
             tokio::time::sleep(model.prefill_per_token * uncached as u32).await;
             running.extend(batch);
             continue;

@@ -70,7 +70,7 @@ impl MockWorker {
         if let Some(model) = config.kv {
             let _ = state
                 .scheduler
-                .set(kv::Scheduler::start(model, state.clone()));
+                .set(kv::Scheduler::start(model, state.prefill_computed.clone()));
         }
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;

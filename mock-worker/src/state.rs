@@ -78,7 +78,7 @@ pub(crate) struct State {
     pub generated_tokens: AtomicU64,
     /// Prompt tokens found in the KV cost model's prefix cache, and those it computed.
     pub cached_tokens: AtomicU64,
-    pub prefill_computed: AtomicU64,
+    pub prefill_computed: Arc<AtomicU64>,
     /// The KV cost model's scheduler, with `MockConfig::kv`.
     pub scheduler: std::sync::OnceLock<crate::kv::Scheduler>,
     /// The weight version it reports (`MockConfig::weight_version`, then what updates set).
