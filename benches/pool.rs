@@ -24,7 +24,7 @@ fn selection(c: &mut Criterion) {
         let pool = pool(workers);
         // Some load, so the scan has minima and ties to resolve.
         let held: Vec<_> = (0..workers / 2)
-            .filter_map(|_| pool.pick(&Routing::none(), None, &[], Role::Regular))
+            .filter_map(|_| pool.pick(&Routing::none(), None, &[], Role::Regular).ok())
             .collect();
         c.bench_function(&format!("pool_pick_release/{workers}_workers"), |b| {
             b.iter(|| black_box(pool.pick(&Routing::none(), None, &[], Role::Regular)))

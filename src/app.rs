@@ -10,6 +10,7 @@ use http::HeaderName;
 use tokio::sync::Semaphore;
 
 use crate::config::Config;
+use crate::control::Control;
 use crate::health::ProbeNow;
 use crate::metrics::Metrics;
 use crate::middleware::{Pipeline, PipelineOptions};
@@ -42,6 +43,7 @@ pub struct App {
     /// For `/engine_metrics`: its own connections and a short timeout, so a stuck engine
     /// cannot hold a scrape.
     engine_client: reqwest::Client,
+    control: Control,
 }
 
 impl App {
@@ -52,8 +54,10 @@ impl App {
         let pool = Arc::new(pool(config, metrics.clone())?);
         for raw in &config.worker_urls {
             let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
-            pool.add(url, WorkerType::Regular)
+            let (worker, _) = pool
+                .add(url, WorkerType::Regular)
                 .map_err(|w| anyhow::anyhow!("worker {} is listed twice", w.url()))?;
+            probe_now.request(worker);
         }
         let tokenizer = match &config.hf_checkpoint {
             Some(path) => Some(Arc::new(Tokenizer::load(path)?)),
@@ -81,7 +85,13 @@ impl App {
                 .timeout(ENGINE_METRICS_TIMEOUT)
                 .no_proxy()
                 .build()?,
+            control: Control::new(config.control_timeout())?,
         })
+    }
+
+    /// The control plane: fanned-out RL control calls and the rids in flight.
+    pub fn control(&self) -> &Control {
+        &self.control
     }
 
     /// The workers.
@@ -136,6 +146,7 @@ impl App {
             self.max_connections,
             self.upstream_timeout,
             self.failure_threshold,
+            self.control.rids().clone(),
         )
     }
 }
@@ -172,5 +183,6 @@ fn pool(config: &Config, metrics: Arc<Metrics>) -> anyhow::Result<Pool> {
         &metrics,
     );
     tracing::debug!(policy = policy.name(), "routing policy");
-    Ok(Pool::with_policy(metrics, policy, Some(sessions)))
+    Ok(Pool::with_policy(metrics, policy, Some(sessions))
+        .with_version_policy(config.version_policy))
 }

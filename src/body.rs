@@ -13,7 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, Sleep};
 
 use crate::background::AbortOnDrop;
+use crate::rids::RidGuard;
 use crate::upstream::Conn;
+use crate::versions;
 use crate::worker::InFlight;
 
 /// Why a response body stopped early.
@@ -21,13 +23,14 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Everything a proxied request holds until its response body is finished: the worker's
 /// in-flight slot, the connection permit, the connection itself, and for a prefill/decode
-/// pair the task still reading the prefill's answer.
+/// pair the task still reading the prefill's answer, and the registration of its rids.
 pub struct Lease {
     /// The worker's in-flight slot.
     pub slot: InFlight,
     _permit: OwnedSemaphorePermit,
     conn: Option<Conn>,
     companion: Option<AbortOnDrop<()>>,
+    _rids: Option<RidGuard>,
 }
 
 impl Lease {
@@ -38,7 +41,14 @@ impl Lease {
             _permit: permit,
             conn: Some(conn),
             companion: None,
+            _rids: None,
         }
+    }
+
+    /// Also keeps the request's rids registered on its workers until the body ends.
+    pub fn with_rids(mut self, rids: Option<RidGuard>) -> Self {
+        self._rids = rids;
+        self
     }
 
     /// Also holds `task` (a pair's prefill leg): aborted if this body is cut short, left to
@@ -122,6 +132,11 @@ impl UpstreamBody {
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(lease)) = (frame.data_ref(), &self.lease)
+                    && let Some(version) = versions::scan(data)
+                {
+                    lease.slot.worker().observe_version(version);
+                }
                 if let Some(idle) = &mut self.idle {
                     idle.sleep.as_mut().reset(Instant::now() + idle.limit);
                 }
@@ -144,6 +159,16 @@ impl UpstreamBody {
                     return Poll::Pending;
                 };
                 ready!(idle.sleep.as_mut().poll(cx));
+                // A paused worker holds its requests on purpose: wait for it again.
+                if self
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| l.slot.worker().is_paused())
+                {
+                    idle.sleep.as_mut().reset(Instant::now() + idle.limit);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
                 let secs = idle.limit.as_secs_f64();
                 // Dropping the lease closes the connection: the response was cut short.
                 let url = self.lease.take().map(|l| l.slot.worker().url().to_owned());

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::policy::version::VersionPolicy;
+
 /// Every setting of the router, parsed once at startup.
 #[derive(Parser, Debug, Clone)]
 #[command(name = "slime-router", version, about)]
@@ -123,6 +125,18 @@ pub struct Config {
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(16..))]
     pub cache_capacity_tokens: u64,
 
+    /// Which workers new requests may go to by the weight version they run: `any`, `latest`
+    /// (only the newest version a worker reports) or `max-staleness:K` (at most K versions
+    /// behind it). Versions order numerically when both are integers, else by arrival. A
+    /// request waits, up to --slime-router-timeout (else 600 s), while no worker qualifies.
+    #[arg(long, default_value = "any", value_parser = VersionPolicy::parse)]
+    pub version_policy: VersionPolicy,
+
+    /// Seconds each worker may take to answer a fanned-out control call (weight updates,
+    /// pause, flush, abort).
+    #[arg(long, default_value_t = 600.0, value_parser = positive_secs)]
+    pub control_timeout_secs: f64,
+
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM.
     #[arg(long, default_value_t = 30.0, value_parser = positive_secs)]
     pub shutdown_timeout: f64,
@@ -153,6 +167,11 @@ impl Config {
     /// `--slime-router-timeout` as a duration.
     pub fn upstream_timeout(&self) -> Option<Duration> {
         self.slime_router_timeout.map(Duration::from_secs_f64)
+    }
+
+    /// `--control-timeout-secs` as a duration.
+    pub fn control_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.control_timeout_secs)
     }
 
     /// `--rollout-health-check-interval` as a duration.

@@ -1,8 +1,8 @@
 //! One request's way through the router, in the order it happens: the router's own
 //! endpoints; else the body is read, `on-request` hooks run (and may answer), a middleware
-//! may own the route, fan-out endpoints go to every worker, generation goes to a
-//! prefill/decode pair when the pool has both, and everything else is proxied to one worker;
-//! the answer goes back through the response hooks.
+//! may own the route, control calls fan out to the workers, generation (its rids noted)
+//! goes to a prefill/decode pair when the pool has both, and everything else is proxied to
+//! one worker; the answer goes back through the response hooks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +13,13 @@ use hyper::body::Incoming;
 use crate::admin;
 use crate::app::App;
 use crate::body::RouterBody;
+use crate::control;
 use crate::error::RouterError;
-use crate::fanout;
 use crate::middleware::Exchange;
 use crate::pd;
 use crate::proxy::{Answer, Proxy};
 use crate::request::read_request;
+use crate::rids;
 
 /// One serving thread's view: the shared app and this thread's upstream client.
 pub struct Local {
@@ -59,10 +60,17 @@ async fn proxied(
     if let Some(owner) = pipeline.route_owner(&exchange) {
         return pipeline.handle(owner, exchange).await;
     }
-    if fanout::is_fanout(&exchange.out.path) {
-        return fanout::broadcast(app.pool(), proxy, &mut exchange.out).await;
+    if let Some(endpoint) = control::endpoint(exchange.out.path.path()) {
+        return app
+            .control()
+            .serve(app.pool(), endpoint, &exchange.out)
+            .await;
     }
-    let answer = if pd::is_generation(&exchange.out) && app.pool().pairs_ready() {
+    let generation = pd::is_generation(&exchange.out);
+    if generation {
+        exchange.out.rids = rids::of_body(&exchange.out.body);
+    }
+    let answer = if generation && app.pool().pairs_ready() {
         pd::send(app.pool(), proxy, &mut exchange.out).await?
     } else {
         proxy.send(app.pool(), &mut exchange.out).await?

@@ -25,6 +25,8 @@ pub enum RouterError {
     NoLiveWorker,
     #[error("no live {0} worker: prefill/decode generation needs one live worker of each")]
     NoLiveRole(String),
+    #[error("no worker reached a weight version --version-policy allows within {secs}s")]
+    NoCurrentWorker { secs: f64 },
     #[error("worker {url} unreachable: {reason}")]
     Connect { url: String, reason: String },
     #[error("worker {url} failed: {reason}")]
@@ -46,9 +48,10 @@ impl RouterError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::NoLiveWorker | Self::NoLiveRole(_) | Self::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoLiveWorker
+            | Self::NoLiveRole(_)
+            | Self::NoCurrentWorker { .. }
+            | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Middleware { .. } => StatusCode::INTERNAL_SERVER_ERROR,

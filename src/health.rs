@@ -57,7 +57,17 @@ impl Prober {
             Ok(()) => {
                 if worker.record_success(self.success_threshold) == Some(Transition::Revived) {
                     tracing::info!(worker = worker.url(), "worker live again");
+                    worker.versions().poke();
                 }
+                if worker.weight_version().is_none()
+                    && let Some(version) = read_version(&self.client, worker).await
+                {
+                    worker.observe_version(&version);
+                }
+            }
+            Err(reason) if worker.is_paused() => {
+                // A paused engine cannot run its health check; it is not dead.
+                tracing::debug!(worker = worker.url(), %reason, "health probe failed while paused");
             }
             Err(reason) => {
                 tracing::debug!(worker = worker.url(), %reason, "health probe failed");
@@ -76,6 +86,18 @@ impl Prober {
             probes.spawn(async move { prober.probe(&worker).await });
         }
         while probes.join_next().await.is_some() {}
+    }
+}
+
+/// The `weight_version` a worker's `/get_model_info` reports, if it answers with one.
+pub async fn read_version(client: &reqwest::Client, worker: &Worker) -> Option<String> {
+    let url = format!("{}/get_model_info", worker.url());
+    let bytes = client.get(url).send().await.ok()?.bytes().await.ok()?;
+    let info: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    match info.get("weight_version")? {
+        serde_json::Value::String(version) => Some(version.clone()),
+        serde_json::Value::Number(number) => Some(number.to_string()),
+        _ => None,
     }
 }
 

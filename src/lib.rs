@@ -5,7 +5,8 @@
 //! (the router's own endpoints in `admin`), `request` reads its body, `middleware` runs the
 //! guest pipeline, [`pool`] picks a worker with a [`policy`], `proxy` forwards over
 //! `upstream` connections and `body` streams the answer back. Beside it: `health`,
-//! `fanout`, [`metrics`], [`tokenizer`].
+//! `control` (the RL loop's fanned-out calls, with `rids` and `versions`), [`metrics`],
+//! [`tokenizer`].
 //!
 //! The public surface is what the binary, the integration tests and the benchmarks use:
 //! [`RunningRouter`] and its [`Config`], and the pieces the micro-benchmarks drive directly.
@@ -16,10 +17,10 @@ mod app;
 mod background;
 mod body;
 pub mod config;
+mod control;
 mod dispatch;
 mod engine_metrics;
 mod error;
-mod fanout;
 mod health;
 mod json;
 mod listen;
@@ -30,9 +31,11 @@ pub mod policy;
 pub mod pool;
 mod proxy;
 mod request;
+mod rids;
 mod server;
 pub mod tokenizer;
 mod upstream;
+mod versions;
 pub mod worker;
 
 pub use config::Config;

@@ -24,7 +24,7 @@ use crate::body::Lease;
 use crate::error::RouterError;
 use crate::json::Object;
 use crate::policy::Routing;
-use crate::pool::Pool;
+use crate::pool::{NoPick, Pool};
 use crate::proxy::{Answer, Failure, Outbound, Proxy};
 use crate::upstream::Conn;
 use crate::worker::{InFlight, Role, Worker, WorkerType};
@@ -49,6 +49,7 @@ pub async fn send(pool: &Pool, proxy: &Proxy, out: &mut Outbound) -> Result<Answ
     let rooms = batch_len(&object, out.path.path());
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     let mut unreachable = None;
+    let mut version_deadline = None;
     loop {
         let routing = Routing {
             path: out.path.path(),
@@ -62,19 +63,30 @@ pub async fn send(pool: &Pool, proxy: &Proxy, out: &mut Outbound) -> Result<Answ
                 .take()
                 .unwrap_or(RouterError::NoLiveRole(role.to_owned()))
         };
-        let prefill = pool
-            .pick(&routing, hint, &tried, Role::Prefill)
-            .ok_or_else(|| no_worker("prefill"))?;
-        let decode = pool
-            .pick(&routing, hint, &tried, Role::Decode)
-            .ok_or_else(|| no_worker("decode"))?;
+        let picks = (
+            pool.pick(&routing, hint, &tried, Role::Prefill),
+            pool.pick(&routing, hint, &tried, Role::Decode),
+        );
+        let (prefill, decode) = match picks {
+            (Ok(prefill), Ok(decode)) => (prefill, decode),
+            (Err(NoPick::Version), _) | (_, Err(NoPick::Version)) => {
+                proxy.await_version(pool, &mut version_deadline).await?;
+                continue;
+            }
+            (Err(_), _) => return Err(no_worker("prefill")),
+            (_, Err(_)) => return Err(no_worker("decode")),
+        };
         let leg = Arc::new(Outbound {
             body: Bytes::from(with_bootstrap(object.clone(), prefill.worker(), rooms)),
             hint: None,
             ..out.clone()
         });
+        let rids = proxy.register_rids(out, &[prefill.worker(), decode.worker()]);
         match pair(proxy, prefill, decode, leg).await {
-            Ok(answer) => return Ok(answer),
+            Ok(mut answer) => {
+                answer.lease = answer.lease.with_rids(rids);
+                return Ok(answer);
+            }
             Err(Outcome::Retry(worker, error)) => {
                 tracing::warn!(%error, "pair worker unreachable; re-pairing");
                 unreachable = Some(error);

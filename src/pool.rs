@@ -8,14 +8,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{Metrics, WorkerLabel};
 use crate::policy::least_in_flight::LeastInFlight;
 use crate::policy::session::Sessions;
+use crate::policy::version::{VersionGate, VersionPolicy};
 use crate::policy::{Candidates, Policy, RouteHint, Routing};
+use crate::versions::Versions;
 use crate::worker::{InFlight, Role, Worker, WorkerType, WorkerUrl};
 
 type Workers = Arc<RwLock<Arc<[Arc<Worker>]>>>;
@@ -24,6 +26,8 @@ type Workers = Arc<RwLock<Arc<[Arc<Worker>]>>>;
 /// writers (add/remove) swap in a new list.
 pub struct Pool {
     workers: Workers,
+    versions: Arc<Versions>,
+    version_policy: VersionPolicy,
     policy: Box<dyn Policy>,
     sessions: Option<Sessions>,
     metrics: Arc<Metrics>,
@@ -46,10 +50,23 @@ impl Pool {
         metrics.register_collector(Box::new(WorkerGauges(workers.clone())));
         Self {
             workers,
+            versions: Arc::default(),
+            version_policy: VersionPolicy::Any,
             policy,
             sessions,
             metrics,
         }
+    }
+
+    /// Routes only to workers whose weight version `policy` allows.
+    pub fn with_version_policy(mut self, policy: VersionPolicy) -> Self {
+        self.version_policy = policy;
+        self
+    }
+
+    /// The weight versions the workers reported, in order.
+    pub fn versions(&self) -> &Versions {
+        &self.versions
     }
 
     /// The session pins, when session keys are on.
@@ -98,7 +115,8 @@ impl Pool {
         let counters = self.metrics.worker_counters(url.as_str());
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed);
         let latency = self.metrics.latency();
-        let worker = Arc::new(Worker::new(index, url, kind, counters, latency));
+        let versions = self.versions.clone();
+        let worker = Arc::new(Worker::new(index, url, kind, versions, counters, latency));
         let mut next = workers.to_vec();
         next.push(worker.clone());
         *workers = Arc::from(next);
@@ -134,17 +152,39 @@ impl Pool {
     /// session key (its pinned worker), then the policy. Requests for a regular worker go to
     /// a decode worker when no regular one is usable, as SGLang's router sends
     /// non-generation calls in a prefill/decode deployment.
+    ///
+    /// With a `--version-policy`, only workers recent enough count; when live workers exist
+    /// but none is, the answer is [`NoPick::Version`] and the caller may wait for one.
     pub fn pick(
         &self,
         routing: &Routing<'_>,
         hint: Option<&RouteHint>,
         tried: &[Arc<Worker>],
         role: Role,
-    ) -> Option<InFlight> {
+    ) -> Result<InFlight, NoPick> {
         let workers = self.snapshot();
         let mut all = Candidates::new(&workers, tried, role);
         if role == Role::Regular && all.iter().next().is_none() {
             all = Candidates::new(&workers, tried, Role::Decode);
+        }
+        let mut newest = None;
+        let gate = VersionGate::new(
+            self.version_policy,
+            &self.versions,
+            &workers,
+            &mut newest,
+            all.role(),
+        );
+        if gate.is_some() {
+            let gated = all.gated(gate);
+            if gated.iter().next().is_none() {
+                return Err(if all.iter().next().is_some() {
+                    NoPick::Version
+                } else {
+                    NoPick::NoWorker
+                });
+            }
+            all = gated;
         }
         let narrowed = hint.and_then(|hint| all.narrowed(hint));
         let policy = &*self.policy;
@@ -155,9 +195,19 @@ impl Pool {
                 None => policy.choose(routing, &all),
             },
             (None, None) => policy.choose(routing, &all),
-        }?;
-        Some(InFlight::take(chosen))
+        }
+        .ok_or(NoPick::NoWorker)?;
+        Ok(InFlight::take(chosen))
     }
+}
+
+/// Why [`Pool::pick`] found no worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoPick {
+    /// No live worker of the role (not tried yet).
+    NoWorker,
+    /// Live workers, but none at a weight version `--version-policy` allows.
+    Version,
 }
 
 fn read(workers: &Workers) -> RwLockReadGuard<'_, Arc<[Arc<Worker>]>> {
@@ -166,7 +216,15 @@ fn read(workers: &Workers) -> RwLockReadGuard<'_, Arc<[Arc<Worker>]>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// `worker_in_flight` and `worker_healthy`, read from the workers at each scrape.
+/// A worker and the weight version it runs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    worker: String,
+    weight_version: String,
+}
+
+/// `worker_in_flight`, `worker_healthy`, `worker_paused` and `worker_weight_version`, read
+/// from the workers at each scrape.
 struct WorkerGauges(Workers);
 
 impl fmt::Debug for WorkerGauges {
@@ -190,6 +248,7 @@ impl Collector for WorkerGauges {
         };
         let in_flight = gauge(|w| i64::try_from(w.in_flight()).unwrap_or(i64::MAX));
         let healthy = gauge(|w| i64::from(w.is_live()));
+        let paused = gauge(|w| i64::from(w.is_paused()));
         for (name, help, family) in [
             (
                 "worker_in_flight",
@@ -201,10 +260,33 @@ impl Collector for WorkerGauges {
                 "1 when the worker is live, 0 when DEAD",
                 healthy,
             ),
+            (
+                "worker_paused",
+                "1 between a /pause_generation and a /continue_generation sent through the router",
+                paused,
+            ),
         ] {
             let metric = encoder.encode_descriptor(name, help, None, family.metric_type())?;
             family.encode(metric)?;
         }
+        let versions = Family::<VersionLabel, Gauge>::default();
+        for worker in workers.iter() {
+            if let Some(version) = worker.weight_version() {
+                let label = VersionLabel {
+                    worker: worker.url().to_owned(),
+                    weight_version: version.to_string(),
+                };
+                versions.get_or_create(&label).set(1);
+            }
+        }
+        let help = "1 labelled with the weight version each worker reported last";
+        let metric = encoder.encode_descriptor(
+            "worker_weight_version",
+            help,
+            None,
+            versions.metric_type(),
+        )?;
+        versions.encode(metric)?;
         Ok(())
     }
 }
@@ -224,7 +306,7 @@ mod tests {
     }
 
     fn pick(pool: &Pool, hint: Option<&RouteHint>, tried: &[Arc<Worker>]) -> Option<InFlight> {
-        pool.pick(&Routing::none(), hint, tried, Role::Regular)
+        pool.pick(&Routing::none(), hint, tried, Role::Regular).ok()
     }
 
     #[test]

@@ -9,20 +9,29 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Lease;
 use crate::error::RouterError;
 use crate::policy::{RouteHint, Routing};
-use crate::pool::Pool;
+use crate::pool::{NoPick, Pool};
+use crate::rids::{RidGuard, RidList, Rids};
 use crate::upstream::{Conn, Connections};
 use crate::worker::{InFlight, Role, Transition, Worker};
 
 /// Attempts for a request whose worker failed after it was sent (connect failures, where
 /// nothing was sent, may try every live worker).
 const MAX_SENT_ATTEMPTS: usize = 2;
+
+/// How long a request waits for a worker at an allowed weight version when
+/// `--slime-router-timeout` is not set.
+const VERSION_WAIT: Duration = Duration::from_secs(600);
+
+/// How often a request waiting for a weight version looks again, besides being woken: a
+/// wake-up that comes between its look and its wait would otherwise be missed.
+const VERSION_RECHECK: Duration = Duration::from_millis(200);
 
 /// What to send; built once per client request, reused across attempts.
 #[derive(Clone)]
@@ -32,6 +41,8 @@ pub struct Outbound {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub hint: Option<RouteHint>,
+    /// The rids a generation body names, registered while it is in flight.
+    pub rids: Option<RidList>,
 }
 
 /// A worker's response head and the lease its body must carry.
@@ -73,15 +84,18 @@ pub struct Proxy {
     capacity: u32,
     timeout: Option<Duration>,
     failure_threshold: u32,
+    rids: Arc<Rids>,
 }
 
 impl Proxy {
-    /// A proxy for one serving thread; `permits` bounds connections across all threads.
+    /// A proxy for one serving thread; `permits` bounds connections across all threads, and
+    /// `rids` is the router's table of rids in flight.
     pub fn new(
         permits: Arc<Semaphore>,
         capacity: u32,
         timeout: Option<Duration>,
         failure_threshold: u32,
+        rids: Arc<Rids>,
     ) -> Self {
         Self {
             connections: Arc::default(),
@@ -89,7 +103,13 @@ impl Proxy {
             capacity,
             timeout,
             failure_threshold,
+            rids,
         }
+    }
+
+    /// Registers `out`'s rids on `workers` until the guard drops.
+    pub fn register_rids(&self, out: &Outbound, workers: &[&Arc<Worker>]) -> Option<RidGuard> {
+        Some(self.rids.register(out.rids.as_ref()?, workers))
     }
 
     pub fn timeout(&self) -> Option<Duration> {
@@ -113,6 +133,27 @@ impl Proxy {
             .map_err(|_| RouterError::ShuttingDown)
     }
 
+    /// Waits for a worker at an allowed weight version (an update reported, a worker added or
+    /// revived) until `deadline`, which the first wait sets from the response timeout or
+    /// [`VERSION_WAIT`].
+    pub async fn await_version(
+        &self,
+        pool: &Pool,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<(), RouterError> {
+        let limit = self.timeout.unwrap_or(VERSION_WAIT);
+        let end = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit);
+        let now = tokio::time::Instant::now();
+        if now >= end {
+            return Err(RouterError::NoCurrentWorker {
+                secs: limit.as_secs_f64(),
+            });
+        }
+        let wait = (end - now).min(VERSION_RECHECK);
+        let _ = tokio::time::timeout(wait, pool.versions().changed()).await;
+        Ok(())
+    }
+
     /// Counts a failed attempt against its worker, which may take it out of routing.
     pub fn count_failure(&self, worker: &Worker) {
         worker.counters().failures.inc();
@@ -129,21 +170,26 @@ impl Proxy {
         let mut tried: Vec<Arc<Worker>> = Vec::new();
         let mut last_error = RouterError::NoLiveWorker;
         let mut sent_attempts = 0;
+        let mut version_deadline = None;
         loop {
             let routing = Routing {
                 path: out.path.path(),
                 headers: &out.headers,
                 body: &out.body,
             };
-            let Some(slot) = pool.pick(&routing, out.hint.as_ref(), &tried, Role::Regular) else {
-                break;
+            let slot = match pool.pick(&routing, out.hint.as_ref(), &tried, Role::Regular) {
+                Ok(slot) => slot,
+                Err(NoPick::Version) => {
+                    self.await_version(pool, &mut version_deadline).await?;
+                    continue;
+                }
+                Err(NoPick::NoWorker) => break,
             };
+            let rids = self.register_rids(out, &[slot.worker()]);
             let failure = match self.attempt(out, &slot).await {
                 Ok((response, conn)) => {
-                    return Ok(Answer {
-                        response,
-                        lease: Lease::new(slot, permit, conn),
-                    });
+                    let lease = Lease::new(slot, permit, conn).with_rids(rids);
+                    return Ok(Answer { response, lease });
                 }
                 Err(failure) => failure,
             };
@@ -165,7 +211,8 @@ impl Proxy {
         Err(last_error)
     }
 
-    /// One request on the worker of `slot`, under the response timeout.
+    /// One request on the worker of `slot`, under the response timeout unless the worker is
+    /// paused (it queues requests then, as it was told to).
     pub async fn attempt(
         &self,
         out: &Outbound,
@@ -174,7 +221,7 @@ impl Proxy {
         let worker = slot.worker();
         worker.counters().requests.inc();
         let call = self.exchange(worker, out);
-        let (mut response, conn) = match self.timeout {
+        let (mut response, conn) = match self.timeout.filter(|_| !worker.is_paused()) {
             Some(limit) => tokio::time::timeout(limit, call)
                 .await
                 .map_err(|_| Failure::Timeout)??,
@@ -217,39 +264,6 @@ impl Proxy {
         match conn.sender.send_request(request).await {
             Ok(response) => Ok((response, conn)),
             Err(e) => Err(Failure::Unanswered(error_chain(&e))),
-        }
-    }
-
-    /// Sends `out` to one specific worker and reads the whole answer, outside the in-flight
-    /// accounting (fan-out) but within the connection limit.
-    pub async fn send_to(&self, worker: &Worker, out: &Outbound) -> Result<(u16, Bytes), String> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| "router is shutting down".to_owned())?;
-        let call = async {
-            let (response, conn) =
-                self.exchange(worker, out)
-                    .await
-                    .map_err(|failure| match failure {
-                        Failure::Connect(reason) | Failure::Unanswered(reason) => reason,
-                        Failure::Timeout => "timed out".to_owned(),
-                    })?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| error_chain(&e))?;
-            conn.release();
-            Ok((status, body.to_bytes()))
-        };
-        match self.timeout {
-            Some(limit) => tokio::time::timeout(limit, call)
-                .await
-                .map_err(|_| "timed out".to_owned())?,
-            None => call.await,
         }
     }
 }
@@ -309,7 +323,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error and its causes, as one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

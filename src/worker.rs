@@ -3,8 +3,8 @@
 //! and travels inside the response body, so stream end, upstream error and client disconnect
 //! each release it exactly once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use http::HeaderValue;
@@ -12,6 +12,7 @@ use http::uri::Authority;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics::WorkerCounters;
+use crate::versions::Versions;
 
 /// A worker URL checked to be `http://host:port` and brought to one canonical spelling, so
 /// `http://h:1/` and `http://h:1` are the same worker.
@@ -159,6 +160,12 @@ pub struct Worker {
     live: AtomicBool,
     consecutive_failures: AtomicU32,
     consecutive_successes: AtomicU32,
+    /// Between a `/pause_generation` and a `/continue_generation` that went through the
+    /// router: requests queue there, so probes and timeouts do not count against it.
+    paused: AtomicBool,
+    /// The weight version it reported last (updates, answers, `/get_model_info`).
+    weight_version: RwLock<Option<Arc<str>>>,
+    versions: Arc<Versions>,
     counters: WorkerCounters,
     latency: Histogram,
 }
@@ -169,6 +176,7 @@ impl Worker {
         index: usize,
         url: WorkerUrl,
         kind: WorkerType,
+        versions: Arc<Versions>,
         counters: WorkerCounters,
         latency: Histogram,
     ) -> Self {
@@ -181,9 +189,53 @@ impl Worker {
             live: AtomicBool::new(true),
             consecutive_failures: AtomicU32::new(0),
             consecutive_successes: AtomicU32::new(0),
+            paused: AtomicBool::new(false),
+            weight_version: RwLock::new(None),
+            versions,
             counters,
             latency,
         }
+    }
+
+    /// Whether generation is paused there (see [`Worker::set_paused`]).
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Records a pause or continue the worker acknowledged.
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// The weight version it reported last, if any.
+    pub fn weight_version(&self) -> Option<Arc<str>> {
+        self.weight_version
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Records the weight version it reports (an update it acknowledged, an answer's
+    /// `meta_info.weight_version`, its `/get_model_info`).
+    pub fn observe_version(&self, version: &str) {
+        let current = self
+            .weight_version
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if current.as_deref() == Some(version) {
+            return;
+        }
+        drop(current);
+        *self
+            .weight_version
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Arc::from(version));
+        self.versions.record(version);
+    }
+
+    /// The registry of versions it reports to.
+    pub fn versions(&self) -> &Versions {
+        &self.versions
     }
 
     /// The canonical url.

@@ -67,13 +67,11 @@ pub(crate) fn serve(state: &Arc<State>, path: &str, body: &[u8]) -> Response<Moc
         "/update_weights_from_disk"
         | "/update_weights_from_distributed"
         | "/update_weights_from_tensor" => {
+            // As SGLang: the reported version changes only when the update names one.
             let mut version = lock(&state.weight_version);
-            *version = match request.get("weight_version").and_then(Value::as_str) {
-                Some(new) => new.to_owned(),
-                None => version
-                    .parse::<u64>()
-                    .map_or_else(|_| "1".to_owned(), |v| (v + 1).to_string()),
-            };
+            if let Some(new) = request.get("weight_version").and_then(Value::as_str) {
+                *version = new.to_owned();
+            }
             json(
                 StatusCode::OK,
                 &json!({"success": true, "message": format!("weights updated to {version}"), "num_paused_requests": 0}),

@@ -59,7 +59,7 @@ impl Generation {
             let logprobs: Vec<Value> = ids
                 .iter()
                 .enumerate()
-                .map(|(i, id)| json!([mock_logprob(from + i), id, null]))
+                .map(|(i, id)| json!([logprob_under(from + i, &self.weight_version), id, null]))
                 .collect();
             meta["output_token_logprobs"] = Value::Array(logprobs);
         }
@@ -130,6 +130,14 @@ impl Drop for Running {
 /// A deterministic, clearly non-zero logprob for output position `i`.
 pub fn mock_logprob(i: usize) -> f64 {
     -0.125 * (1 + i % 7) as f64
+}
+
+/// [`mock_logprob`] as weights of `version` give it: the same under a version that is not an
+/// integer (`default`), shifted by a version that is, so that one text generated under two
+/// versions differs in its logprobs, as it does on a real engine. Exact in f32.
+fn logprob_under(i: usize, version: &str) -> f64 {
+    let shift = version.parse::<u64>().map_or(0, |v| v % 8);
+    mock_logprob(i) - shift as f64 / 64.0
 }
 
 pub(crate) async fn generate(
@@ -315,8 +323,11 @@ impl Drop for Generating {
     }
 }
 
-/// Per-token texts must concatenate to the decoded whole; tokens that split a character
-/// decode badly alone, so give the whole text to the last token in that case.
+/// Per-token texts must concatenate to the decoded whole. Tokens that split a character
+/// decode badly alone, and a decoder that joins tokens (WordPiece puts spaces between words)
+/// gives more than their sum, so then each token gets what it adds to the decoded prefix, as
+/// SGLang's incremental detokenizer streams it: a prefix that does not start the whole (a
+/// split character) holds its text back until a later token completes it.
 fn fix_split_chars(
     config: &MockConfig,
     ids: &[u32],
@@ -326,9 +337,20 @@ fn fix_split_chars(
     if texts.concat() == whole {
         return Ok(texts);
     }
-    let mut fixed = vec![String::new(); ids.len()];
-    if let Some(last) = fixed.last_mut() {
-        *last = whole;
+    let mut fixed = Vec::with_capacity(ids.len());
+    let mut sent = 0;
+    for end in 1..=ids.len() {
+        let prefix = decode(config, &ids[..end])?;
+        let settled = prefix.len() >= sent && whole.starts_with(&prefix);
+        let upto = if end == ids.len() {
+            whole.len()
+        } else if settled {
+            prefix.len()
+        } else {
+            sent
+        };
+        fixed.push(whole[sent..upto].to_owned());
+        sent = upto;
     }
     Ok(fixed)
 }
@@ -377,7 +399,12 @@ fn stream(
             let from = if incremental { sent } else { 0 };
             let event = format!("data: {}\n\n", generation.to_json(from, made, end));
             sent = made;
-            if tx.send(Bytes::from(event)).await.is_err() || aborted {
+            if tx.send(Bytes::from(event)).await.is_err() {
+                // The client closed the connection: SGLang aborts the request then.
+                running.abort.flag.store(true, Ordering::Relaxed);
+                break;
+            }
+            if aborted {
                 break;
             }
         }

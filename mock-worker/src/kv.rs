@@ -18,7 +18,6 @@ use std::time::Duration;
 use lru::LruCache;
 use tokio::sync::{mpsc, oneshot};
 
-
 /// Tokens per cache block.
 pub const BLOCK: usize = 16;
 

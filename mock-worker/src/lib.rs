@@ -147,7 +147,12 @@ impl MockWorker {
         *self.state.paused.borrow()
     }
 
-    /// Requests received so far.
+    /// Health and model-info probes received so far (not in [`MockWorker::requests`]).
+    pub fn probes(&self) -> usize {
+        self.state.probes.load(Ordering::Relaxed)
+    }
+
+    /// Requests received so far, probes left out.
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::Relaxed)
     }

@@ -19,6 +19,9 @@ pub(crate) async fn respond(
     state: &Arc<State>,
     req: Request<Incoming>,
 ) -> Response<MockBody> {
+    if let Some(answer) = probe(state, req.uri().path()) {
+        return answer;
+    }
     let count = InFlightCount::enter(state);
     let (parts, body) = req.into_parts();
     let Ok(body) = body.collect().await.map(|c| c.to_bytes()) else {
@@ -60,22 +63,7 @@ pub(crate) async fn respond(
             state.healthy.store(healthy, Ordering::Relaxed);
             json(StatusCode::OK, &json!({"healthy": healthy}))
         }
-        (_, "/health" | "/health_generate") => {
-            if state.healthy.load(Ordering::Relaxed) {
-                json(StatusCode::OK, &json!({}))
-            } else {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &json!({"error": "unhealthy"}),
-                )
-            }
-        }
         (&Method::POST, "/generate") => generate::generate(config, state, &body, count).await,
-        (_, "/get_model_info" | "/model_info") => json(
-            StatusCode::OK,
-            &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true,
-                    "weight_version": *lock(&state.weight_version)}),
-        ),
         (&Method::POST, path) if control::handles(path) => control::serve(state, path, &body),
         (&Method::GET, "/metrics") => metrics(state),
         (_, "/flush_cache") => json(StatusCode::OK, &json!({"success": true})),
@@ -85,6 +73,33 @@ pub(crate) async fn respond(
             &json!({"error": format!("mock has no {}", parts.uri.path())}),
         ),
     }
+}
+
+/// The router's own probes: counted apart from requests and never recorded, so that tests
+/// count only the traffic they sent.
+fn probe(state: &State, path: &str) -> Option<Response<MockBody>> {
+    let answer = match path {
+        // A paused SGLang engine cannot run /health's probe generation, so it fails.
+        "/health" | "/health_generate" if *state.paused.borrow() => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "generation is paused"}),
+        ),
+        "/health" | "/health_generate" if state.healthy.load(Ordering::Relaxed) => {
+            json(StatusCode::OK, &json!({}))
+        }
+        "/health" | "/health_generate" => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "unhealthy"}),
+        ),
+        "/get_model_info" | "/model_info" => json(
+            StatusCode::OK,
+            &json!({"model_path": "mock", "tokenizer_path": null, "is_generation": true,
+                    "weight_version": *lock(&state.weight_version)}),
+        ),
+        _ => return None,
+    };
+    state.probes.fetch_add(1, Ordering::Relaxed);
+    Some(answer)
 }
 
 fn header_number(headers: &HeaderMap, name: &str) -> Option<u64> {

@@ -69,6 +69,8 @@ pub(crate) struct State {
     pub in_flight: AtomicUsize,
     pub max_in_flight: AtomicUsize,
     pub requests: AtomicUsize,
+    /// Health and model-info probes, which `requests` leaves out.
+    pub probes: AtomicUsize,
     pub seen: Mutex<Vec<Seen>>,
     pub scripted: Mutex<Option<Vec<u32>>>,
     /// `/generate` requests being answered now.

@@ -67,8 +67,8 @@ pub fn delete(app: &App, path: &str) -> Result<Response<RouterBody>, RouterError
     ))
 }
 
-/// Registers `raw` as `kind`, or finds it registered as `kind` already. A dead worker that
-/// registers again is probed at once instead of at the next round.
+/// Registers `raw` as `kind`, or finds it registered as `kind` already. A new worker, or a
+/// dead one that registers again, is probed at once instead of at the next round.
 pub fn register(
     app: &App,
     raw: &str,
@@ -90,7 +90,9 @@ pub fn register(
             kind = kind.name(),
             "worker added"
         );
-    } else if !worker.is_live() {
+    }
+    // A new worker is probed at once for its weight version, a dead one to revive it.
+    if added || !worker.is_live() {
         app.probe_now().request(worker.clone());
     }
     Ok(worker)
@@ -177,6 +179,8 @@ fn entry(worker: &Worker) -> Value {
         "active_requests": worker.in_flight(),
         "load": worker.in_flight(),
     });
+    entry["weight_version"] = json!(worker.weight_version().as_deref());
+    entry["is_paused"] = json!(worker.is_paused());
     if let WorkerType::Prefill { bootstrap_port } = worker.kind() {
         entry["bootstrap_port"] = json!(bootstrap_port);
     }

@@ -32,6 +32,7 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{Answer, Outbound};
 use crate::tokenizer::Tokenizer;
+use crate::versions;
 
 /// A request on its way through the pipeline.
 pub struct Exchange {
@@ -57,6 +58,7 @@ impl Exchange {
             headers: parts.headers,
             body,
             hint: None,
+            rids: None,
         };
         Self {
             id,
@@ -396,8 +398,12 @@ impl Loader<'_> {
 async fn buffer(incoming: hyper::body::Incoming, lease: Lease) -> Result<Bytes, RouterError> {
     match incoming.collect().await {
         Ok(collected) => {
+            let bytes = collected.to_bytes();
+            if let Some(version) = versions::scan(&bytes) {
+                lease.slot.worker().observe_version(version);
+            }
             lease.complete();
-            Ok(collected.to_bytes())
+            Ok(bytes)
         }
         Err(e) => Err(RouterError::Upstream {
             url: lease.slot.worker().url().to_owned(),

@@ -16,6 +16,8 @@ use super::host::Hook;
 use super::instance::Guest;
 use crate::body::{BodyError, Lease, RouterBody};
 use crate::json::{PROJECT_ABOVE, project_events};
+use crate::versions;
+use crate::worker::Worker;
 
 /// One middleware's part in a stream, with the state it carries between chunks.
 pub struct ChunkHook {
@@ -68,7 +70,7 @@ pub fn spawn(
         tx,
     };
     tokio::spawn(async move {
-        if stream.pump(incoming, idle).await {
+        if stream.pump(incoming, lease.slot.worker(), idle).await {
             lease.complete();
         }
     });
@@ -83,7 +85,12 @@ struct Stream {
 
 impl Stream {
     /// Forwards until the worker's body ends (true: read to the end) or the stream breaks.
-    async fn pump(&mut self, mut incoming: Incoming, idle: Option<Duration>) -> bool {
+    async fn pump(
+        &mut self,
+        mut incoming: Incoming,
+        worker: &Worker,
+        idle: Option<Duration>,
+    ) -> bool {
         let mut framer = EventFramer::default();
         loop {
             let next = tokio::select! {
@@ -93,6 +100,9 @@ impl Stream {
             };
             match next {
                 Ok(Some(data)) => {
+                    if let Some(version) = versions::scan(&data) {
+                        worker.observe_version(version);
+                    }
                     if let Some(events) = framer.push(&data)
                         && !self.forward(events, false).await
                     {

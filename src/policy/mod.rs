@@ -12,12 +12,14 @@ pub mod cache_aware;
 pub mod least_in_flight;
 pub mod prefix;
 pub mod session;
+pub mod version;
 
 use std::sync::Arc;
 
 use http::HeaderMap;
 
 use crate::worker::{Role, Worker};
+use version::VersionGate;
 
 /// What a policy may read of the request it routes, after every `on-request` patch.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +61,7 @@ pub struct Candidates<'a> {
     tried: &'a [Arc<Worker>],
     role: Role,
     only: Option<&'a [String]>,
+    gate: Option<VersionGate<'a>>,
 }
 
 impl<'a> Candidates<'a> {
@@ -69,7 +72,13 @@ impl<'a> Candidates<'a> {
             tried,
             role,
             only: None,
+            gate: None,
         }
+    }
+
+    /// These candidates, of them only the workers whose weight version `gate` allows.
+    pub fn gated(self, gate: Option<VersionGate<'a>>) -> Self {
+        Self { gate, ..self }
     }
 
     /// The usable workers, in registration order.
@@ -79,11 +88,13 @@ impl<'a> Candidates<'a> {
             tried,
             role,
             only,
+            gate,
         } = *self;
         workers.iter().filter(move |w| {
             w.is_live()
                 && w.kind().role() == role
                 && !tried.iter().any(|t| Arc::ptr_eq(t, w))
+                && gate.is_none_or(|g| g.allows(w))
                 && only.is_none_or(|urls| urls.iter().any(|u| u == w.url()))
         })
     }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use serde_json::json;
 
-use crate::common::{mock, router, router_with};
+use crate::common::{eventually, mock, router, router_with};
 
 #[tokio::test]
 async fn add_worker_by_query_body_and_alias_without_duplicates() -> Result<()> {
@@ -87,7 +87,13 @@ async fn remove_and_sglang_style_worker_api() -> Result<()> {
         .await?;
     // b is registered as regular: registering it again as prefill is a conflict.
     assert_eq!(status, 409);
-    let (_, workers) = r.get("/workers").await?;
+    // Registration reads each worker's weight version at once (from /get_model_info).
+    let mut workers = json!(null);
+    eventually(5.0, async || {
+        workers = r.get("/workers").await?.1;
+        Ok(workers["workers"][1]["weight_version"].is_string())
+    })
+    .await?;
     let id = |w: &serde_json::Value| w["id"].as_str().unwrap_or_default().to_owned();
     let ids: Vec<String> = workers["workers"]
         .as_array()
@@ -96,8 +102,8 @@ async fn remove_and_sglang_style_worker_api() -> Result<()> {
     assert_eq!(
         workers,
         json!({"workers": [
-            {"id": ids[0], "url": a.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true},
-            {"id": ids[1], "url": b.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true},
+            {"id": ids[0], "url": a.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true, "is_paused": false, "weight_version": "default"},
+            {"id": ids[1], "url": b.url(), "worker_type": "regular", "active_requests": 0, "load": 0, "is_healthy": true, "is_paused": false, "weight_version": "default"},
         ], "total": 2, "stats": {"regular_count": 2, "prefill_count": 0, "decode_count": 0}})
     );
     let (status, body) = r

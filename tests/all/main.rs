@@ -3,6 +3,7 @@
 
 mod admin;
 mod common;
+mod control;
 mod examples;
 mod guests;
 mod health;

@@ -214,17 +214,17 @@ async fn other_paths_go_to_a_regular_worker_else_to_a_decode_worker() -> Result<
     let prefill = role(Role::Prefill, |_| {}).await?;
     let decode = role(Role::Decode, |_| {}).await?;
     let r = pd_router(&[&prefill], &[&decode]).await?;
-    let (status, _) = r.get("/get_model_info").await?;
+    let (status, _) = r.post("/echo", &json!({})).await?;
     assert_eq!(status, 200);
     let seen = decode.last_seen().context("decode")?;
-    assert_eq!(seen.path_and_query, "/get_model_info");
+    assert_eq!(seen.path_and_query, "/echo");
     assert!(prefill.last_seen().is_none(), "never a prefill worker");
     let regular = mock_with(MockConfig::default()).await?;
     assert_eq!(
         r.post("/workers", &json!({"url": regular.url()})).await?.0,
         200
     );
-    r.get("/get_model_info").await?;
+    r.post("/echo", &json!({})).await?;
     assert_eq!(regular.requests(), 1);
     // Generation still goes to the pair.
     r.post("/generate", &json!({"text": "hi"})).await?;
