@@ -4,9 +4,13 @@
 //! Flow for one `/generate` with `text`:
 //! 1. `on_request`: longest cached prefix that ends at a segment end (see below) -> its ids;
 //!    tokenise only the rest; insert the rest as prompt (mask 0) so the prompt is cached as
-//!    the worker sees it; rewrite the body to `input_ids`; stash the prompt's [`NodeRef`].
+//!    the worker sees it; rewrite the body to `input_ids`; stash the prompt's [`NodeRef`]
+//!    ([`Stash`]). A rest that tokenises to nothing still goes as the cached ids, and waits in
+//!    the stash for the output. Requests with media data pass through untouched.
 //! 2. `on_response` / `on_response_chunk`: insert the output (mask 1, logprobs, the worker's
-//!    `weight_version`) below the stashed node.
+//!    `weight_version`) below the stashed node, aborted (partial) outputs included; a stream's
+//!    events are put together first, cumulative or incremental ([`crate::stream`]). An output
+//!    of a newer version than the same cached output gives it its logprobs.
 //!
 //! Where the cached prefix may end: the rewrite joins cached ids to a fresh tokenisation of
 //! the rest, which cuts the text in two, and a cut inside a word gives a tokenisation the
@@ -32,9 +36,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::scan::bytes_eq;
-use crate::sglang::{self, GenerateOutput, GenerateRequest, Text, last_data_event};
+use crate::sglang::{self, FAST_READER, GenerateOutput, GenerateRequest, Prompt, Text};
+use crate::stash::Stash;
+use crate::stream::{self, Whole};
 use crate::tree::{
-    Config, DEFAULT_VERSION, Location, NodeRef, Pieces, RadixTree, Stats, pieces_from_lengths,
+    Config, DEFAULT_VERSION, Location, NodeRef, PieceEnd, Pieces, RadixTree, Stats,
+    pieces_from_lengths,
 };
 
 /// What the cache needs from the router: the tokenizer, logging and metrics.
@@ -90,40 +97,16 @@ impl JsonReply {
     }
 }
 
-/// Stash layout: a tag byte, the id of the cache that wrote it, the prompt's [`NodeRef`],
-/// then (streams only) the last SSE event.
-const STASH_TAG: u8 = 2;
-const STASH_HEAD: usize = 17;
-
-fn stash_of(cache: u64, node: NodeRef) -> Vec<u8> {
-    let mut stash = Vec::with_capacity(STASH_HEAD);
-    stash.push(STASH_TAG);
-    stash.extend_from_slice(&cache.to_le_bytes());
-    stash.extend_from_slice(&node.to_bytes());
-    stash
-}
-
-/// (cache id, prompt node, last SSE event) of a stash written by [`stash_of`].
-fn parse_stash(stash: &[u8]) -> Option<(u64, NodeRef, &[u8])> {
-    let (&tag, rest) = stash.split_first()?;
-    let (cache, rest) = rest.split_first_chunk::<8>()?;
-    let (node, event) = rest.split_first_chunk::<8>()?;
-    (tag == STASH_TAG).then(|| {
-        (
-            u64::from_le_bytes(*cache),
-            NodeRef::from_bytes(*node),
-            event,
-        )
-    })
-}
-
-/// Responses seen by the cache, by outcome.
+/// Responses seen by the cache, by outcome, and requests it left alone for their media.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Responses {
     cached: u64,
-    /// Not cached: error status, abort, unparsable body, no output, prompt evicted, or the
-    /// request went through an earlier cache (see [`Cache::new`]).
+    /// Not cached: error status, unparsable body, no output, prompt evicted, or the request
+    /// went through an earlier cache (see [`Cache::new`]).
     skipped: u64,
+    /// Requests with image, video or audio data, passed through untouched (see
+    /// [`Prompt::Media`]); their responses are not counted above.
+    multimodal: u64,
 }
 
 /// The trajectory cache middleware.
@@ -141,11 +124,6 @@ pub struct Cache {
     /// Where a request's `text` is unescaped when it has escapes, kept between requests.
     scratch: Vec<u8>,
 }
-
-/// Whether the fast JSON reader ([`crate::json`]) reads bodies before serde_json. The
-/// `serde-only` feature turns it off, to measure what it saves (bench/radix_ab.sh): about 40%
-/// of the per-request cost with a 32k-token trajectory, nothing measurable at 1k.
-const FAST_READER: bool = !cfg!(feature = "serde-only");
 
 /// Largest `scratch` kept between requests (a ~200k-token prompt); a larger one is freed.
 const SCRATCH_KEEP: usize = 1 << 20;
@@ -192,7 +170,8 @@ impl Cache {
             None
         };
         let outcome = match fast {
-            Some(text) => self.rewrite(text, host),
+            Some(Prompt::Text(text)) => self.rewrite(text, host),
+            Some(Prompt::Media) => Some(self.skip_media(host)),
             None => self.parsed_request(body, host),
         };
         if scratch.capacity() <= SCRATCH_KEEP {
@@ -209,11 +188,21 @@ impl Cache {
     /// [`Cache::on_request`] through serde_json; `None` for a body it refuses.
     fn parsed_request(&mut self, body: &[u8], host: &impl Host) -> Option<RequestOutcome> {
         let request = serde_json::from_slice::<GenerateRequest<'_>>(body).ok()?;
+        if request.has_media() {
+            return Some(self.skip_media(host));
+        }
         match (request.text, request.input_ids) {
             (Some(Text(text)), None) => self.rewrite(text.as_bytes(), host),
             (None, Some(ids)) if !ids.is_empty() => Some(self.record(&ids, host)),
             _ => Some(RequestOutcome::Pass),
         }
+    }
+
+    /// A request with media: passed through untouched and counted, nothing cached.
+    fn skip_media(&mut self, host: &impl Host) -> RequestOutcome {
+        host.debug("radix-tree: /generate with media data; passed through");
+        self.responses.multimodal += 1;
+        RequestOutcome::Pass
     }
 
     /// The rewrite of a request's `text`; `None`, changing nothing, if it is not UTF-8.
@@ -228,40 +217,65 @@ impl Cache {
         if !self.tree.extend_ids(&found.at, &mut input_ids) {
             return Some(RequestOutcome::Pass);
         }
-        let node = if tail.is_empty() {
-            self.tree.insert(&found.at, &Pieces::EMPTY, None)
-        } else {
-            let covered = self.covered_by_last_token(&text[..found.len], &input_ids, tail, host);
-            let new_text = &tail[covered..];
-            let tail_ids = match host.encode(new_text) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    host.debug(&format!("radix-tree: cannot tokenise; passed through: {e}"));
-                    return Some(RequestOutcome::Pass);
-                }
-            };
-            // Without lengths the tail is cached as one piece: correct, only not splittable.
-            let lengths = host.token_lengths(&tail_ids, false).unwrap_or_default();
-            let mut ends = pieces_from_lengths(new_text, &tail_ids, &lengths);
-            // The covered text joins the first piece: its token is the prefix's last one.
-            for end in &mut ends {
-                end.text += covered as u32;
-            }
-            let Some(pieces) = Pieces::new(tail, &tail_ids, &ends) else {
-                host.debug("radix-tree: tail tokenised to nothing; passed through");
-                return Some(RequestOutcome::Pass);
-            };
-            input_ids.extend_from_slice(&tail_ids);
-            // The prompt carries the newest version seen: it is what the worker runs now.
-            self.tree.insert(&found.at, &pieces, None)
+        let matched = &text[..found.len];
+        let Some((node, pending)) = self.insert_tail(matched, found.at, tail, &mut input_ids, host)
+        else {
+            return Some(RequestOutcome::Pass);
         };
-        Some(match node {
-            Some(node) => RequestOutcome::Rewrite {
-                input_ids,
-                stash: stash_of(self.id, node),
-            },
+        // No ids at all (a text of only whitespace under WordPiece): SGLang refuses empty
+        // `input_ids`, so let it see the text.
+        let stash = node
+            .filter(|_| !input_ids.is_empty())
+            .and_then(|node| Stash::encode(self.id, node, pending));
+        Some(match stash {
+            Some(stash) => RequestOutcome::Rewrite { input_ids, stash },
             None => RequestOutcome::Pass,
         })
+    }
+
+    /// Inserts the uncached `tail` of a prompt at `at` (where `matched` ends) and appends its
+    /// ids to `input_ids`. Returns the prompt's node (`None` if `at` went stale) and the text
+    /// at its end that no token stands for, or `None` to pass the request through.
+    fn insert_tail<'t>(
+        &mut self,
+        matched: &[u8],
+        at: Location,
+        tail: &'t str,
+        input_ids: &mut Vec<u32>,
+        host: &impl Host,
+    ) -> Option<(Option<NodeRef>, &'t str)> {
+        if tail.is_empty() {
+            return Some((self.tree.insert(&at, &Pieces::EMPTY, None), ""));
+        }
+        let covered = self.covered_by_last_token(matched, input_ids, tail, host);
+        let new_text = &tail[covered..];
+        let tail_ids = match host.encode(new_text) {
+            Ok(ids) => ids,
+            Err(e) => {
+                host.debug(&format!("radix-tree: cannot tokenise; passed through: {e}"));
+                return None;
+            }
+        };
+        if tail_ids.is_empty() {
+            // The tail has no token (whitespace under WordPiece), so the worker gets the cached
+            // ids alone, as tokenising the whole text would give. A piece needs a token, so the
+            // tail waits in the stash and joins the output's first piece.
+            return Some((self.tree.insert(&at, &Pieces::EMPTY, None), tail));
+        }
+        // Without lengths the tail is cached as one piece: correct, only not splittable.
+        let lengths = host.token_lengths(&tail_ids, false).unwrap_or_default();
+        let mut ends = pieces_from_lengths(new_text, &tail_ids, &lengths);
+        // The covered text joins the first piece: its token is the prefix's last one.
+        for end in &mut ends {
+            end.text += covered as u32;
+        }
+        let Some(pieces) = Pieces::new(tail, &tail_ids, &ends) else {
+            host.debug("radix-tree: cannot cut the tail into pieces; passed through");
+            return None;
+        };
+        input_ids.extend_from_slice(&tail_ids);
+        // The prompt carries the newest version seen: it is what the worker runs now.
+        Some((self.tree.insert(&at, &pieces, None), ""))
     }
 
     /// Bytes at the start of `tail` that the prefix's last token already stands for.
@@ -327,30 +341,28 @@ impl Cache {
         let Some(pieces) = Pieces::new(&text, ids, &ends) else {
             return RequestOutcome::Pass;
         };
-        match self.tree.insert(&Location::ROOT, &pieces, None) {
-            Some(node) => RequestOutcome::Record {
-                stash: stash_of(self.id, node),
-            },
+        let node = self.tree.insert(&Location::ROOT, &pieces, None);
+        match node.and_then(|node| Stash::encode(self.id, node, "")) {
+            Some(stash) => RequestOutcome::Record { stash },
             None => RequestOutcome::Pass,
         }
     }
 
     /// `on-response` with a buffered body: caches the output below the stashed prompt.
     pub fn on_response(&mut self, status: u16, body: &[u8], stash: &[u8], host: &impl Host) {
-        let Some((id, node, _)) = parse_stash(stash) else {
+        let Some(stash) = Stash::parse(stash) else {
             return;
         };
-        if status == 200 && id == self.id {
-            self.record_outputs(node, body, false, host);
+        if status == 200 && stash.cache == self.id {
+            self.record_outputs(&stash, body, false, host);
         } else {
             self.responses.skipped += 1;
         }
         self.publish(host);
     }
 
-    /// `on-response-chunk`: keeps the latest event in the stash and caches it once the stream
-    /// ends, since SGLang's events carry the cumulative text, ids and logprobs. Returns the new
-    /// stash, if it changed.
+    /// `on-response-chunk`: keeps the stream's events in the stash (see [`crate::stream`]) and
+    /// caches their output once the stream ends. Returns the new stash, if it changed.
     pub fn on_chunk(
         &mut self,
         events: &[u8],
@@ -358,48 +370,51 @@ impl Cache {
         stash: &[u8],
         host: &impl Host,
     ) -> Option<Vec<u8>> {
-        let (id, node, previous) = parse_stash(stash)?;
-        if id != self.id {
+        let parsed = Stash::parse(stash)?;
+        if parsed.cache != self.id {
             if last {
                 self.responses.skipped += 1;
                 self.publish(host);
             }
             return None;
         }
-        let latest = last_data_event(events);
-        if last {
-            let event = latest.or((!previous.is_empty()).then_some(previous));
-            match event {
-                Some(event) => self.record_outputs(node, event, true, host),
-                None => self.responses.skipped += 1,
-            }
-            self.publish(host);
-            return None;
+        let mut next = Vec::with_capacity(stash.len() + events.len());
+        next.extend_from_slice(&stash[..parsed.head_len]);
+        let changed = stream::push(parsed.stream, events, &mut next);
+        if !last {
+            return changed.then_some(next);
         }
-        let event = latest?;
-        let mut next = Vec::with_capacity(STASH_HEAD + event.len());
-        next.extend_from_slice(&stash[..STASH_HEAD]);
-        next.extend_from_slice(event);
-        Some(next)
+        let state = if changed {
+            &next[parsed.head_len..]
+        } else {
+            parsed.stream
+        };
+        match stream::finish(state) {
+            Some(Whole::Event(event)) => self.record_outputs(&parsed, event, true, host),
+            Some(Whole::Summed(out)) => self.record_output(&parsed, &out, true, host),
+            None => {
+                host.debug("radix-tree: stream had no readable output; not cached");
+                self.responses.skipped += 1;
+            }
+        }
+        self.publish(host);
+        None
     }
 
     /// Caches the output(s) in a response body: one object, or a list for `n > 1` sampling.
-    fn record_outputs(&mut self, node: NodeRef, json: &[u8], streamed: bool, host: &impl Host) {
+    fn record_outputs(&mut self, stash: &Stash<'_>, json: &[u8], streamed: bool, host: &impl Host) {
         let first = json.iter().find(|b| !b.is_ascii_whitespace());
         let recorded = match first {
-            Some(b'{') => match sglang::output(json).filter(|_| FAST_READER) {
-                Some(out) => {
-                    self.record_output(node, &out, streamed, host);
-                    Ok(())
-                }
-                None => serde_json::from_slice::<GenerateOutput<'_>>(json)
-                    .map(|out| self.record_output(node, &out, streamed, host)),
-            },
-            Some(b'[') => serde_json::from_slice::<Vec<GenerateOutput<'_>>>(json).map(|outs| {
-                for out in &outs {
-                    self.record_output(node, out, streamed, host);
-                }
-            }),
+            Some(b'{') => sglang::parse_output(json)
+                .map(|out| self.record_output(stash, &out, streamed, host))
+                .ok_or(()),
+            Some(b'[') => serde_json::from_slice::<Vec<GenerateOutput<'_>>>(json)
+                .map(|outs| {
+                    for out in &outs {
+                        self.record_output(stash, out, streamed, host);
+                    }
+                })
+                .map_err(|_| ()),
             _ => {
                 self.responses.skipped += 1;
                 return;
@@ -413,12 +428,12 @@ impl Cache {
 
     fn record_output(
         &mut self,
-        node: NodeRef,
+        stash: &Stash<'_>,
         out: &GenerateOutput<'_>,
         streamed: bool,
         host: &impl Host,
     ) {
-        let cached = self.try_record_output(node, out, streamed, host);
+        let cached = self.try_record_output(stash, out, streamed, host);
         if cached {
             self.responses.cached += 1;
         } else {
@@ -426,17 +441,17 @@ impl Cache {
         }
     }
 
+    /// Caches one output below the stashed prompt. An aborted output is cached like any
+    /// other: slime resumes a partial rollout with the prompt plus the partial text, which then
+    /// goes to the worker as the exact tokens, and trains on them with their logprobs.
     fn try_record_output(
         &mut self,
-        node: NodeRef,
+        stash: &Stash<'_>,
         out: &GenerateOutput<'_>,
         streamed: bool,
         host: &impl Host,
     ) -> bool {
         let meta = out.meta_info.as_ref();
-        if meta.is_some_and(|m| m.aborted()) {
-            return false;
-        }
         let logprobs = meta.and_then(|m| m.output_token_logprobs.as_ref());
         let (ids, logprobs) = match logprobs {
             Some(lp) if !lp.ids.is_empty() => (&lp.ids[..], Some(&lp.logprobs[..])),
@@ -445,23 +460,25 @@ impl Cache {
                 None => return false,
             },
         };
-        // A delta event (incremental streaming) would cache the prompt plus the last delta.
+        // Events that do not add up to what the server counts (a delta stream read as
+        // cumulative) would cache the wrong output.
         if streamed
             && meta
                 .and_then(|m| m.completion_tokens)
                 .is_some_and(|n| n != ids.len() as u64)
         {
-            host.debug("radix-tree: stream events are deltas; output not cached");
+            host.debug("radix-tree: stream events do not add up; output not cached");
             return false;
         }
         let Some(Text(text)) = &out.text else {
             return false;
         };
         let ends = output_pieces(text, ids, host);
+        let (text, ends) = after_pending(stash.pending, text, ends);
         let version = meta
             .and_then(|m| m.weight_version())
             .unwrap_or(Cow::Borrowed(DEFAULT_VERSION));
-        let pieces = Pieces::new(text, ids, &ends)
+        let pieces = Pieces::new(&text, ids, &ends)
             .and_then(|p| match logprobs {
                 Some(lp) => p.with_logprobs(lp),
                 None => Some(p),
@@ -473,7 +490,7 @@ impl Cache {
         };
         // None: the prompt was evicted while the worker generated.
         self.tree
-            .insert_below(node, &pieces, Some(&version))
+            .insert_below(stash.node, &pieces, Some(&version))
             .is_some()
     }
 
@@ -488,7 +505,8 @@ impl Cache {
     }
 
     /// Tokens, loss mask and logprobs of `text`: the cached prefix with its stored values, the
-    /// rest tokenised as prompt (mask 0, logprob 0.0). Read-only.
+    /// rest tokenised as prompt (mask 0, logprob 0.0), and `cached_tokens`, how many came from
+    /// the cache, so that a miss is told from a text that is all prompt. Read-only.
     ///
     /// The prefix is the longest on any piece boundary, not only at a segment end as for
     /// `/generate`: the caller wants the tokens the model saw and produced for as much of the
@@ -502,6 +520,9 @@ impl Cache {
         #[derive(Serialize)]
         struct Response<'a> {
             tokens: &'a [u32],
+            /// Leading tokens that came from the cache: 0 for a miss, all of them for a text
+            /// cached whole, prompt or not.
+            cached_tokens: usize,
             response: &'a str,
             loss_mask: &'a [u8],
             token_length: usize,
@@ -557,6 +578,7 @@ impl Cache {
         logp.resize(tokens.len(), 0.0);
         JsonReply::ok(&Response {
             tokens: &tokens,
+            cached_tokens: found.tokens,
             response: &text,
             loss_mask: &loss_mask,
             token_length: tokens.len(),
@@ -586,6 +608,7 @@ impl Cache {
             version_evicted_tokens: u64,
             responses_cached: u64,
             responses_skipped: u64,
+            multimodal_skipped: u64,
         }
         let s = self.tree.stats();
         let config = self.tree.config();
@@ -608,6 +631,7 @@ impl Cache {
             version_evicted_tokens: s.version_evicted_tokens,
             responses_cached: self.responses.cached,
             responses_skipped: self.responses.skipped,
+            multimodal_skipped: self.responses.multimodal,
         })
     }
 
@@ -634,6 +658,7 @@ impl Cache {
             ),
             ("radix_responses_cached", r.cached, pr.cached),
             ("radix_responses_skipped", r.skipped, pr.skipped),
+            ("radix_multimodal_skipped", r.multimodal, pr.multimodal),
         ];
         for (name, now, before) in counters {
             if now > before {
@@ -655,6 +680,28 @@ impl Cache {
     }
 }
 
+/// An output's `text` and piece ends after `pending`, the end of its prompt that no token stands
+/// for: that text joins the first piece, whose first token is the first to follow it.
+fn after_pending<'t>(
+    pending: &str,
+    text: &'t str,
+    mut ends: Vec<PieceEnd>,
+) -> (Cow<'t, str>, Vec<PieceEnd>) {
+    if pending.is_empty() || ends.is_empty() {
+        return (Cow::Borrowed(text), ends);
+    }
+    let Ok(shift) = u32::try_from(pending.len()) else {
+        return (Cow::Borrowed(text), Vec::new());
+    };
+    for end in &mut ends {
+        match end.text.checked_add(shift) {
+            Some(moved) => end.text = moved,
+            None => return (Cow::Borrowed(text), Vec::new()),
+        }
+    }
+    (Cow::Owned(format!("{pending}{text}")), ends)
+}
+
 /// Pieces of a model output: token lengths when the ids decode to exactly `text` (with
 /// special tokens skipped, as SGLang does by default, or kept), else one piece (e.g. a stop
 /// string trimmed from `text`).
@@ -662,7 +709,7 @@ impl Cache {
 /// The lengths come first: when neither mode's lengths fit `text` (e.g. a stop string was
 /// trimmed from it), the result is one piece whatever the ids decode to, so nothing is
 /// decoded. Otherwise the decodes decide as they always did, in the same order.
-fn output_pieces(text: &str, ids: &[u32], host: &impl Host) -> Vec<crate::tree::PieceEnd> {
+fn output_pieces(text: &str, ids: &[u32], host: &impl Host) -> Vec<PieceEnd> {
     let ends = |skip_special| {
         let lengths = host.token_lengths(ids, skip_special).unwrap_or_default();
         pieces_from_lengths(text, ids, &lengths)

@@ -27,19 +27,23 @@
 //! `slime_router_middleware_gauge{...}` gauges), by name:
 //! `radix_hits`, `radix_misses`, `radix_matched_tokens` (prompt tokens served from the
 //! cache), `radix_inserted_tokens`, `radix_evicted_tokens`, `radix_version_evicted_tokens`,
-//! `radix_responses_cached`, `radix_responses_skipped`; gauges `radix_nodes`, `radix_tokens`,
+//! `radix_responses_cached`, `radix_responses_skipped`, `radix_multimodal_skipped` (requests
+//! with image, video or audio data, passed through untouched); gauges `radix_nodes`, `radix_tokens`,
 //! `radix_memory_bytes`. `GET /radix_tree/stats` returns all of them as JSON.
 //!
 //! Layout: [`tree`] is the data structure (plain Rust, tested natively), [`cache`] the
 //! middleware behaviour over a host trait, [`sglang`] the JSON it reads (through the fast
-//! [`json`] reader, with serde_json as the fallback), [`scan`] the byte scans that grow with the
-//! prompt, and `guest` (wasm only) binds it to `wit/router.wit`.
+//! [`json`] reader, with serde_json as the fallback), [`stash`] what a request carries to its
+//! response, [`stream`] a streamed response put together from its events, [`scan`] the byte
+//! scans that grow with the prompt, and `guest` (wasm only) binds it to `wit/router.wit`.
 
 pub mod cache;
 pub mod config;
 pub mod json;
 pub mod scan;
 pub mod sglang;
+pub mod stash;
+pub mod stream;
 pub mod tree;
 
 #[cfg(target_arch = "wasm32")]

@@ -21,6 +21,11 @@ use crate::json::{Reader, Str};
 #[serde(transparent)]
 pub struct Text<'a>(#[serde(borrow)] pub Cow<'a, str>);
 
+/// Whether the fast reader ([`crate::json`]) reads bodies before serde_json. The `serde-only`
+/// feature turns it off, to measure what it saves (bench/radix_ab.sh): about 40% of the
+/// per-request cost with a 32k-token trajectory, nothing measurable at 1k.
+pub const FAST_READER: bool = !cfg!(feature = "serde-only");
+
 /// A single-prompt `/generate` request. Batch bodies (`text` or `input_ids` holding lists)
 /// fail to parse and pass through untouched.
 #[derive(Debug, Deserialize)]
@@ -29,6 +34,31 @@ pub struct GenerateRequest<'a> {
     pub text: Option<Text<'a>>,
     #[serde(default)]
     pub input_ids: Option<Vec<u32>>,
+    /// Media fields: only whether they are there (not null) matters, see [`Prompt::Media`].
+    #[serde(default)]
+    pub image_data: Option<IgnoredAny>,
+    #[serde(default)]
+    pub video_data: Option<IgnoredAny>,
+    #[serde(default)]
+    pub audio_data: Option<IgnoredAny>,
+}
+
+impl GenerateRequest<'_> {
+    /// True when the request carries image, video or audio data (a null field carries none).
+    pub fn has_media(&self) -> bool {
+        self.image_data.is_some() || self.video_data.is_some() || self.audio_data.is_some()
+    }
+}
+
+/// The prompt of a single-prompt `/generate` body, as far as the cache is concerned.
+#[derive(Debug, PartialEq)]
+pub enum Prompt<'a> {
+    /// `text`, unescaped, not checked as UTF-8 (see [`request_text`]).
+    Text(&'a [u8]),
+    /// Image, video or audio data: SGLang expands the placeholders in `text` into tokens the
+    /// text does not show, so the request must reach the worker as it is and the text is no
+    /// trajectory to cache.
+    Media,
 }
 
 /// One `/generate` output (a response body, one element of a batch, or one SSE event).
@@ -83,27 +113,6 @@ impl MetaInfo<'_> {
             None
         } else {
             Some(Cow::Borrowed(raw))
-        }
-    }
-
-    /// True when the request was aborted: its output is not a trajectory to keep.
-    pub fn aborted(&self) -> bool {
-        #[derive(Deserialize)]
-        struct FinishReason<'a> {
-            #[serde(rename = "type", borrow)]
-            kind: Option<Text<'a>>,
-        }
-        let Some(Raw(raw)) = self.finish_reason else {
-            return false;
-        };
-        // No string in it can be "abort" without those letters or an escape: nothing to parse
-        // for the usual `{"type": "length", ...}`.
-        if !raw.contains("abort") && !raw.contains('\\') {
-            return false;
-        }
-        match serde_json::from_str::<FinishReason<'_>>(raw) {
-            Ok(reason) => reason.kind.is_some_and(|k| k.0 == "abort"),
-            Err(_) => serde_json::from_str::<Text<'_>>(raw).is_ok_and(|t| t.0 == "abort"),
         }
     }
 }
@@ -168,31 +177,52 @@ impl<'de> Deserialize<'de> for Entry {
     }
 }
 
-/// `text` of a single-prompt `/generate` body, unescaped: borrowed from `body`, or written to
-/// `scratch`. `None` for any other body, or one the fast reader leaves to serde_json: parse that
-/// with [`GenerateRequest`].
+/// The prompt of a single-prompt `/generate` body: its `text`, unescaped (borrowed from `body`,
+/// or written to `scratch`), or [`Prompt::Media`]. `None` for any other body, or one the fast
+/// reader leaves to serde_json: parse that with [`GenerateRequest`].
 ///
 /// Unlike serde_json this does not check that the text is UTF-8. The cache checks the part it
 /// does not find cached; the rest equals cached text, which is UTF-8 up to a character boundary
 /// (see `Cache::on_request`).
-pub fn request_text<'a>(body: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<&'a [u8]> {
+pub fn request_text<'a>(body: &'a [u8], scratch: &'a mut Vec<u8>) -> Option<Prompt<'a>> {
     let mut reader = Reader::new(body);
-    let mut text = None;
+    let (mut text, mut media, mut media_seen) = (None, false, 0u8);
     reader.object(|key, r| {
         match key {
             b"text" if text.is_none() => text = Some(r.string(scratch)?),
             // A duplicate `text` (an error for serde_json), or `input_ids` (recorded rather than
             // rewritten, or a batch): serde_json decides.
             b"text" | b"input_ids" => return None,
+            b"image_data" | b"video_data" | b"audio_data" => {
+                let bit = match key[0] {
+                    b'i' => 1,
+                    b'v' => 2,
+                    _ => 4,
+                };
+                // A duplicate is an error for serde_json.
+                if media_seen & bit != 0 {
+                    return None;
+                }
+                media_seen |= bit;
+                if !r.null() {
+                    r.skip_value()?;
+                    media = true;
+                }
+            }
             _ => r.skip_value()?,
         }
         Some(())
     })?;
     reader.end()?;
-    match text? {
-        Str::Borrowed(bytes) => Some(bytes),
-        Str::Unescaped => Some(scratch),
+    let text = match text? {
+        Str::Borrowed(bytes) => bytes,
+        Str::Unescaped => scratch,
+    };
+    if media {
+        // serde_json refuses text that is not UTF-8, so such a body is not counted as media.
+        return std::str::from_utf8(text).ok().map(|_| Prompt::Media);
     }
+    Some(Prompt::Text(text))
 }
 
 /// One `/generate` output object (a response body or an SSE event) read by the fast reader;
@@ -324,8 +354,18 @@ fn usual_entry(r: &mut Reader<'_>) -> Option<(f32, u32)> {
     Some((logprob, id))
 }
 
-/// The payload of the last `data:` line in `events` that is not `[DONE]`.
-pub fn last_data_event(events: &[u8]) -> Option<&[u8]> {
+/// One output object, by the fast reader or, when it declines, serde_json; `None` if neither
+/// reads it.
+pub fn parse_output(json: &[u8]) -> Option<GenerateOutput<'_>> {
+    match output(json).filter(|_| FAST_READER) {
+        Some(out) => Some(out),
+        None => serde_json::from_slice(json).ok(),
+    }
+}
+
+/// The payloads of the `data:` lines in `events` that are not empty or `[DONE]`, in order. A
+/// payload never holds a newline.
+pub fn data_events(events: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     events
         .split(|&b| b == b'\n')
         .filter_map(|line| line.strip_prefix(b"data:"))
@@ -333,7 +373,12 @@ pub fn last_data_event(events: &[u8]) -> Option<&[u8]> {
             let data = data.strip_prefix(b" ").unwrap_or(data);
             data.strip_suffix(b"\r").unwrap_or(data)
         })
-        .rfind(|data| !data.is_empty() && *data != b"[DONE]")
+        .filter(|data| !data.is_empty() && *data != b"[DONE]")
+}
+
+/// The payload of the last `data:` line in `events` that is not `[DONE]`.
+pub fn last_data_event(events: &[u8]) -> Option<&[u8]> {
+    data_events(events).next_back()
 }
 
 #[cfg(test)]
@@ -355,7 +400,7 @@ mod tests {
     }
 
     #[test]
-    fn output_reads_logprobs_version_and_finish() {
+    fn output_reads_logprobs_version_and_finish_reason() {
         let body = br#"{"text":"hi","output_ids":[5,6],"meta_info":{"id":"x",
             "output_token_logprobs":[[-0.5,5,"h"],[null,6,null]],
             "finish_reason":{"type":"abort","message":"x"},"weight_version":12,
@@ -365,13 +410,16 @@ mod tests {
         let lp = meta.output_token_logprobs.as_ref().expect("logprobs");
         assert_eq!(lp.ids, [5, 6]);
         assert_eq!(lp.logprobs, [-0.5, 0.0]);
-        assert!(meta.aborted());
+        assert_eq!(
+            meta.finish_reason,
+            Some(Raw(r#"{"type":"abort","message":"x"}"#))
+        );
         assert_eq!(meta.weight_version().as_deref(), Some("12"));
         assert_eq!(meta.completion_tokens, Some(2));
         let body = br#"{"text":"hi","meta_info":{"finish_reason":null,"weight_version":"v3"}}"#;
         let out: GenerateOutput = serde_json::from_slice(body).expect("parse");
         let meta = out.meta_info.expect("meta");
-        assert!(!meta.aborted());
+        assert_eq!(meta.finish_reason, None);
         assert_eq!(meta.weight_version().as_deref(), Some("v3"));
     }
 
@@ -502,6 +550,11 @@ mod tests {
             if rng.below(10) == 0 {
                 fields.push("\"input_ids\":[1,2]".to_owned());
             }
+            if rng.below(4) == 0 {
+                let field = rng.pick(&["image_data", "video_data", "audio_data"]);
+                let value = rng.pick(&["null", "[\"data:image/png;base64,AA==\"]", "\"x\"", "[]"]);
+                fields.push(format!("\"{field}\":{value}"));
+            }
             let turn = rng.below(fields.len());
             fields.rotate_left(turn);
             let body = format!("{{{}}}", fields.join(","));
@@ -516,7 +569,7 @@ mod tests {
                 .as_ref()
                 .is_ok_and(|r| r.input_ids.is_none() && r.text.is_some());
             valid += usize::from(rewritable);
-            let Some(text) = request_text(&bytes, &mut scratch) else {
+            let Some(prompt) = request_text(&bytes, &mut scratch) else {
                 // Only `\u` surrogates in the text are left to serde_json.
                 assert!(
                     i % 2 == 1 || !rewritable || context.to_lowercase().contains("\\ud"),
@@ -525,6 +578,13 @@ mod tests {
                 continue;
             };
             fast += 1;
+            let Prompt::Text(text) = prompt else {
+                let serde = serde.unwrap_or_else(|e| panic!("serde refused {context}: {e}"));
+                assert!(serde.has_media() && serde.text.is_some(), "{context}");
+                continue;
+            };
+            let media = serde.as_ref().is_ok_and(GenerateRequest::has_media);
+            assert!(!media, "missed media in {context}");
             match std::str::from_utf8(text) {
                 Ok(text) => {
                     let serde = serde.unwrap_or_else(|e| panic!("serde refused {context}: {e}"));
@@ -544,12 +604,22 @@ mod tests {
             br#"{"sampling_params": {}}"#,
             b"[1, 2]",
             br#"{"text": "a"} x"#,
+            br#"{"text": "a", "image_data": null, "image_data": null}"#,
+            br#"{"image_data": ["x"]}"#,
         ] {
             assert_eq!(request_text(pass, &mut scratch), None, "{pass:?}");
         }
         assert_eq!(
+            request_text(br#"{"text":"a","audio_data":[]}"#, &mut scratch),
+            Some(Prompt::Media)
+        );
+        assert_eq!(
+            request_text(br#"{"video_data":null,"text":"a"}"#, &mut scratch),
+            Some(Prompt::Text(b"a"))
+        );
+        assert_eq!(
             request_text(br#"{"text":"a\nb\u00e9"}"#, &mut scratch),
-            Some("a\nbé".as_bytes())
+            Some(Prompt::Text("a\nbé".as_bytes()))
         );
     }
 

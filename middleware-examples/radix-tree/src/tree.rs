@@ -802,9 +802,11 @@ impl RadixTree {
     /// (see [`RadixTree::lookup_segment`]), also when nothing new was stored; inserting no
     /// pieces at the root marks nothing.
     ///
-    /// A piece identical (text and ids) to the stored one at the same place is shared and the
-    /// stored values are kept: the first writer wins. At the first difference the edge is
-    /// split at the last common piece boundary and the rest becomes a new child.
+    /// A piece identical (text and ids) to the stored one at the same place is shared. The
+    /// stored values are kept (the first writer wins), except that an output of a newer
+    /// version gives stored output tokens its logprobs and version (see
+    /// [`RadixTree::refresh`]). At the first difference the edge is split at the last common
+    /// piece boundary and the rest becomes a new child.
     ///
     /// The insert then evicts. A `version` newer than all seen starts a sweep of the subtrees
     /// of versions no longer kept, which each insert advances by a bounded amount. Least
@@ -833,6 +835,7 @@ impl RadixTree {
                 if next < pieces.len()
                     && let Some(count) = self.same_piece(node, piece, token, pieces, next)
                 {
+                    self.refresh(node, token, count, pieces, next, version);
                     piece += 1;
                     token += count;
                     next += 1;
@@ -856,6 +859,7 @@ impl RadixTree {
                 });
             match shared {
                 Some((child, count)) => {
+                    self.refresh(child, 0, count, pieces, next, version);
                     node = child;
                     piece = 1;
                     token = count;
@@ -997,6 +1001,35 @@ impl RadixTree {
                 .zip(ids)
                 .all(|(t, &id)| t.id == id);
         same.then_some(count)
+    }
+
+    /// Gives the tokens of a shared piece (`count` tokens of `node` from `token`) the values of
+    /// `pieces[next]` when that is an output of a newer version than theirs: one text generated
+    /// again after a weight update trains on the new weights' logprobs, and a late answer of
+    /// older weights does not take them back. Only output over output: a prompt's zeros must
+    /// never replace an output's logprobs, and a token stored as prompt stays prompt, since
+    /// the trajectory that wrote it reads it so.
+    fn refresh(
+        &mut self,
+        node: usize,
+        token: usize,
+        count: usize,
+        pieces: &Pieces<'_>,
+        next: usize,
+        version: u32,
+    ) {
+        if !pieces.loss_mask {
+            return;
+        }
+        let first = pieces.start(next).tokens as usize;
+        let stored = &mut self.nodes[node].tokens[token..token + count];
+        for (i, t) in stored.iter_mut().enumerate() {
+            let newer = self.versions.cmp(version, t.meta & VERSION_MASK) == Ordering::Greater;
+            if t.meta & LOSS_MASK_BIT != 0 && newer {
+                t.logprob = pieces.logprobs.map_or(0.0, |l| l[first + i]);
+                t.meta = (t.meta & !VERSION_MASK) | version;
+            }
+        }
     }
 
     fn alloc(&mut self, mut node: Node) -> usize {

@@ -25,6 +25,8 @@ fn word_of(id: u32) -> Option<&'static str> {
 #[derive(Default)]
 struct FakeHost {
     no_tokenizer: bool,
+    /// Newlines tokenise to nothing, as whitespace does under WordPiece.
+    silent_newlines: bool,
     counters: RefCell<BTreeMap<String, u64>>,
     gauges: RefCell<BTreeMap<String, i64>>,
     encoded: RefCell<Vec<String>>,
@@ -78,6 +80,9 @@ impl Host for FakeHost {
     fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         self.check()?;
         self.encoded.borrow_mut().push(text.to_owned());
+        if self.silent_newlines {
+            return Ok(encode(&text.replace('\n', "")));
+        }
         Ok(encode(text))
     }
 
@@ -214,7 +219,12 @@ fn multi_turn_rewrites_to_cached_ids() {
     assert_eq!(logp[n - 1], json!(-0.5));
     assert_eq!(logp[0], json!(0.0));
     let keys: Vec<&String> = body.as_object().expect("object").keys().collect();
-    assert_eq!(keys.len(), 6, "exactly the keys slime reads, got {keys:?}");
+    assert_eq!(
+        keys.len(),
+        7,
+        "the keys slime reads and cached_tokens, got {keys:?}"
+    );
+    assert_eq!(body["cached_tokens"], json!(n));
     assert!(host.counter("radix_hits") >= 1 && host.counter("radix_misses") == 1);
     assert!(host.gauges.borrow()["radix_tokens"] > 0);
 }
@@ -349,7 +359,7 @@ fn input_ids_requests_are_recorded() {
 }
 
 #[test]
-fn skips_aborts_errors_and_evicted_prompts() {
+fn caches_aborts_and_skips_errors_and_evicted_prompts() {
     let host = FakeHost::default();
     let mut cache = Cache::new(
         Config {
@@ -361,15 +371,21 @@ fn skips_aborts_errors_and_evicted_prompts() {
     let (_, stash) = rewrite(cache.on_request(&generate("abc"), &host));
     let aborted = json!({"text": "x", "output_ids": [120],
         "meta_info": {"finish_reason": {"type": "abort"}}});
+    // A partial output: a resumed request (prompt + partial text) reuses its tokens.
     cache.on_response(200, aborted.to_string().as_bytes(), &stash, &host);
+    assert_eq!(host.counter("radix_responses_cached"), 1);
+    assert_eq!(
+        retrieve(&cache, &host, "abcx").1["loss_mask"],
+        json!([0, 0, 0, 1])
+    );
     cache.on_response(500, br#"{"error": "x"}"#, &stash, &host);
     cache.on_response(200, b"not json", &stash, &host);
-    assert_eq!(host.counter("radix_responses_skipped"), 3);
+    assert_eq!(host.counter("radix_responses_skipped"), 2);
     // A long prompt pushes "abc" out of the 20-token budget before its response arrives.
     let (_, _) = rewrite(cache.on_request(&generate(&"z".repeat(18)), &host));
     cache.on_response(200, &response("de", "1"), &stash, &host);
-    assert_eq!(host.counter("radix_responses_skipped"), 4);
-    assert_eq!(host.counter("radix_responses_cached"), 0);
+    assert_eq!(host.counter("radix_responses_skipped"), 3);
+    assert_eq!(host.counter("radix_responses_cached"), 1);
 }
 
 #[test]
@@ -526,7 +542,7 @@ fn streamed_responses_cache_the_last_event() {
     assert_eq!(v["tokens"], json!(tokens));
     assert_eq!(v["rollout_logp"][6], json!(-1.0));
 
-    // Delta events (incremental streaming) are refused rather than cached wrongly.
+    // Events that do not add up to `completion_tokens` are refused rather than cached wrongly.
     let (_, stash) = rewrite(cache.on_request(&generate("T:"), &host));
     let delta = json!({"text": "x", "output_ids": [120], "meta_info": {"completion_tokens": 9}});
     let stash = cache
@@ -539,6 +555,89 @@ fn streamed_responses_cache_the_last_event() {
         .expect("stash");
     cache.on_chunk(b"", true, &stash, &host);
     assert_eq!(host.counter("radix_responses_skipped"), 1);
+}
+
+#[test]
+fn incremental_streams_add_up_their_deltas() {
+    let host = FakeHost::default();
+    let mut cache = cache();
+    let (_, mut stash) = rewrite(cache.on_request(&generate("S:"), &host));
+    let delta = |text: &str, total: usize| {
+        let ids = encode(text);
+        let lp: Vec<Value> = ids.iter().map(|&id| json!([-1.0, id, null])).collect();
+        let e = json!({"text": text, "output_ids": ids, "meta_info": {
+            "output_token_logprobs": lp, "completion_tokens": total, "weight_version": "3"}});
+        format!("data: {e}\n\n")
+    };
+    for chunk in [delta("h", 1), delta("é", 3) + &delta("!", 4)] {
+        if let Some(next) = cache.on_chunk(chunk.as_bytes(), false, &stash, &host) {
+            stash = next;
+        }
+    }
+    assert_eq!(
+        cache.on_chunk(b"data: [DONE]\n\n", true, &stash, &host),
+        None
+    );
+    assert_eq!(host.counter("radix_responses_cached"), 1);
+    let (_, v) = retrieve(&cache, &host, "S:hé!");
+    assert_eq!(v["tokens"], json!(encode("S:hé!")));
+    assert_eq!(v["loss_mask"], json!([0, 0, 1, 1, 1, 1]));
+    assert_eq!(v["rollout_logp"][5], json!(-1.0));
+}
+
+#[test]
+fn a_tail_with_no_tokens_goes_as_the_cached_ids() {
+    let host = FakeHost {
+        silent_newlines: true,
+        ..FakeHost::default()
+    };
+    let mut cache = cache();
+    let (_, stash) = rewrite(cache.on_request(&generate("P:"), &host));
+    cache.on_response(200, &response("ab", "1"), &stash, &host);
+    let (input_ids, stash) = rewrite(cache.on_request(&generate("P:ab\n"), &host));
+    let cached = [encode("P:ab"), vec![EOS]].concat();
+    assert_eq!(input_ids, cached);
+    // The newline joins the output's first piece, so the whole text is found.
+    cache.on_response(200, &response("cd", "1"), &stash, &host);
+    let (_, v) = retrieve(&cache, &host, "P:ab\ncd");
+    assert_eq!(
+        v["tokens"],
+        json!([cached, encode("cd"), vec![EOS]].concat())
+    );
+    assert_eq!(v["loss_mask"], json!([0, 0, 1, 1, 1, 1, 1, 1]));
+    assert_eq!(v["cached_tokens"], json!(8));
+    // Nothing to send at all: SGLang gets the text.
+    assert_eq!(
+        cache.on_request(&generate("\n"), &host),
+        RequestOutcome::Pass
+    );
+}
+
+#[test]
+fn media_requests_pass_through_and_are_counted() {
+    let host = FakeHost::default();
+    let mut cache = cache();
+    for field in ["image_data", "video_data", "audio_data"] {
+        let fast = json!({"text": "<image> what?", field: ["data:image/png;base64,AA=="]});
+        // serde_json reads this one: the fast reader leaves `input_ids` to it.
+        let slow = json!({"input_ids": [1, 2], field: "x"});
+        for body in [fast, slow] {
+            let body = body.to_string();
+            assert_eq!(
+                cache.on_request(body.as_bytes(), &host),
+                RequestOutcome::Pass
+            );
+        }
+    }
+    assert_eq!(host.counter("radix_multimodal_skipped"), 6);
+    assert_eq!(cache.tree().stats().tokens, 0);
+    let stats: Value =
+        serde_json::from_slice(&cache.handle("GET", "/radix_tree/stats", b"", &host).body)
+            .expect("JSON");
+    assert_eq!(stats["multimodal_skipped"], json!(6));
+    // A null field is no media.
+    let body = json!({"text": "hi", "image_data": null}).to_string();
+    rewrite(cache.on_request(body.as_bytes(), &host));
 }
 
 #[test]
@@ -682,11 +781,8 @@ fn stashes_of_an_earlier_cache_are_ignored() {
     // The instance is rebuilt: the new cache's first node takes the same slot.
     let mut new = Cache::new(config, 2);
     let (_, mine) = rewrite(new.on_request(&generate("xyz"), &host));
-    assert_eq!(
-        stash[STASH_HEAD - 8..],
-        mine[STASH_HEAD - 8..],
-        "same node ref"
-    );
+    let node = |stash: &[u8]| Stash::parse(stash).map(|s| s.node);
+    assert_eq!(node(&stash), node(&mine), "same node ref");
     let tokens = new.tree().stats().tokens;
     new.on_response(200, &response("de", "1"), &stash, &host);
     assert_eq!(

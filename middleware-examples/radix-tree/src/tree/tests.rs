@@ -196,6 +196,47 @@ fn pieces_validation() {
 }
 
 #[test]
+fn a_newer_output_refreshes_shared_output_tokens() {
+    let mut tree = RadixTree::new(big());
+    let prompt = Owned::of(&[("P:", &[7])]);
+    let p = tree
+        .insert(&Location::ROOT, &prompt.pieces(false), Some("1"))
+        .expect("insert");
+    let output = |logprob| {
+        let mut o = Owned::default();
+        o.push("ab", &[1], logprob);
+        o.push("cd", &[2, 3], logprob);
+        o
+    };
+    let v1 = output(-1.0);
+    let end = tree
+        .insert_below(p, &v1.pieces(true), Some("1"))
+        .expect("insert");
+    // The same output under version 2, then a late one of version 1.
+    tree.insert_below(p, &output(-2.0).pieces(true), Some("2"));
+    tree.insert_below(p, &output(-3.0).pieces(true), Some("1"));
+    let got = entries_at(&tree, &Location::end_of(end));
+    assert_eq!(
+        got,
+        [(7, -0.5, 0), (1, -2.0, 1), (2, -2.0, 1), (3, -2.0, 1)]
+    );
+    let tokens = tree.path_tokens(&Location::end_of(end)).expect("live");
+    assert_eq!(tree.version_name(tokens[1][2].version()), Some("2"));
+    // A newer prompt through them changes nothing, nor does an output over prompt tokens.
+    let mut again = Owned::of(&[("P:", &[7])]);
+    again.push("ab", &[1], 0.0);
+    tree.insert(&Location::ROOT, &again.pieces(false), Some("3"));
+    tree.insert(&Location::ROOT, &output(-4.0).pieces(false), Some("3"));
+    tree.insert(&Location::ROOT, &output(-5.0).pieces(true), Some("4"));
+    assert_eq!(entries_at(&tree, &Location::end_of(end)), got);
+    let m = tree.lookup("abcd");
+    assert_eq!(
+        entries_at(&tree, &m.at),
+        [(1, -4.0, 0), (2, -4.0, 0), (3, -4.0, 0)]
+    );
+}
+
+#[test]
 fn split_mid_edge_and_node_ref_survives() {
     let mut tree = RadixTree::new(big());
     let a = Owned::of(&[("hello", &[1]), (" world", &[2]), ("!", &[3])]);
@@ -781,6 +822,8 @@ struct RefPiece {
     ids: Vec<u32>,
     logprob: f32,
     mask: u8,
+    /// The version it was inserted under (set at the insert).
+    version: u32,
 }
 
 /// Random pieces of 1-2 chars; ids mostly a function of the text, so that identical pieces
@@ -803,6 +846,7 @@ fn random_pieces(rng: &mut Rng, count: usize, mask: u8) -> Vec<RefPiece> {
                 ids,
                 logprob: -(rng.below(1000) as f32) / 100.0,
                 mask,
+                version: 0,
             }
         })
         .collect()
@@ -871,23 +915,28 @@ impl Reference {
 
     /// Values of trajectory `t`'s first `j` pieces as the tree keeps them: each piece from the
     /// earliest trajectory with the identical piece sequence up to it.
+    ///
+    /// The first writer's, except that a later output of a newer version replaces the
+    /// logprobs of an output piece (see `RadixTree::refresh`).
     fn canonical(&self, t: usize, j: usize) -> Vec<(u32, f32, u8)> {
         let traj = &self.trajectories[t];
         let mut out = Vec::new();
         for m in 0..j {
-            let first = self
-                .trajectories
-                .iter()
-                .find(|s| {
-                    s.len() > m
-                        && s[..=m]
-                            .iter()
-                            .zip(&traj[..=m])
-                            .all(|(a, b)| same_piece(a, b))
-                })
-                .expect("t itself qualifies");
-            let p = &first[m];
-            out.extend(p.ids.iter().map(|&id| (id, p.logprob, p.mask)));
+            let mut writers = self.trajectories.iter().filter(|s| {
+                s.len() > m
+                    && s[..=m]
+                        .iter()
+                        .zip(&traj[..=m])
+                        .all(|(a, b)| same_piece(a, b))
+            });
+            let mut p = &writers.next().expect("t itself qualifies")[m];
+            let mask = p.mask;
+            for s in writers {
+                if mask == 1 && s[m].mask == 1 && s[m].version > p.version {
+                    p = &s[m];
+                }
+            }
+            out.extend(p.ids.iter().map(|&id| (id, p.logprob, mask)));
         }
         out
     }
@@ -1054,6 +1103,10 @@ fn run_random(seed: u64, steps: usize, config: Config, exact: bool) {
                 random_pieces(&mut rng, count, mask),
             )
         };
+        let mut new = new;
+        for p in &mut new {
+            p.version = v.parse().expect("a number");
+        }
         let input = owned(&new);
         let was_newest = tree.newest_version().map(str::to_owned);
         let r = tree.insert(&at, &input.pieces(mask == 1), Some(&v));
