@@ -15,7 +15,8 @@ from pathlib import Path
 GROUPS = {
     "static": {
         "title": "Static workers (nginx `return 200` JSON), POST /generate with input_ids",
-        "order": ["direct", "nginx", "sglang", "slime", "slime-noop", "slime-noop3", "slime-pd"],
+        "order": ["direct", "nginx", "sglang", "slime", "slime-1t", "slime-noop", "slime-noop3",
+                  "slime-pd"],
         "direct": "direct",
         "baselines": [
             ("nginx", "x nginx least_conn"),
@@ -208,6 +209,71 @@ def summary_lines(cells_by_group):
     return out
 
 
+# Issue 14's table: (what, group, target, baseline, goal). The ratio is taken in each round
+# between two measurements made minutes apart at most, then summarised; a goal holds only if
+# it holds in every round.
+RATIO_TARGETS = [
+    ("slime-router / nginx least_conn", "static", "slime", "nginx", 1.0),
+    ("slime-router / SGLang's router", "static", "slime", "sglang", 3.9),
+    ("one no-op middleware / none", "static", "slime-noop", "slime", 0.95),
+    ("radix middleware on text / same text without middleware", "mock", "mock-radix",
+     "mock-slime", 0.85),
+    ("slime-router 1 serving thread / 2 threads", "static", "slime-1t", "slime", None),
+]
+
+
+def per_round(records, group, conc, value):
+    """{round: {target: value(run)}} for one group and concurrency."""
+    rounds = {}
+    for r in records:
+        if r["group"] == group and r.get("conc") == conc and "unavailable" not in r:
+            rounds.setdefault(r["round"], {})[r["target"]] = value(r)
+    return rounds
+
+
+def spread_text(values, spec, unit=""):
+    values = sorted(values)
+    body = f"{format(statistics.median(values), spec)}{unit}"
+    if len(values) > 1:
+        body += f" ({format(values[0], spec)}{unit} to {format(values[-1], spec)}{unit})"
+    return body
+
+
+def targets_lines(records, idle):
+    concs = sorted({r["conc"] for r in records if "conc" in r})
+    if not concs:
+        return []
+    hi = concs[-1]
+    lines = ["### Targets (issue 14)", "",
+             f"Per-round ratios at c={hi}: median (lowest to highest round); "
+             "met only if every round meets it.", "",
+             "| what | measured | rounds | target | met |", "|---|---|---|---|---|"]
+    for what, group, target, base, goal in RATIO_TARGETS:
+        rounds = per_round(records, group, hi, rps_of)
+        ratios = [v[target] / v[base] for v in rounds.values()
+                  if target in v and base in v and v[base] > 0]
+        if not ratios:
+            continue
+        met = "-" if goal is None else ("yes" if min(ratios) >= goal else "no")
+        goal_text = "(read)" if goal is None else f">= {goal:.2f}x"
+        lines.append(f"| {what} | {spread_text(ratios, '.2f', 'x')} | {len(ratios)} | "
+                     f"{goal_text} | {met} |")
+    p50 = per_round(records, "static", 1, lambda r: r["p50_us"] / 1000)
+    pairs = [(v["slime"] - v["direct"], v["nginx"] - v["direct"]) for v in p50.values()
+             if {"slime", "nginx", "direct"} <= v.keys()]
+    if pairs:
+        ours, theirs = [a for a, _ in pairs], [b for _, b in pairs]
+        met = "yes" if all(a <= b for a, b in pairs) else "no"
+        lines.append(f"| added p50 over direct at c=1 | {spread_text(ours, '+.3f', ' ms')} | "
+                     f"{len(pairs)} | <= nginx's {spread_text(theirs, '+.3f', ' ms')} | {met} |")
+    rss = idle.get("mock-radix")
+    if rss is not None:
+        mib = rss / 1024
+        lines.append(f"| idle RSS with the radix cache loaded | {mib:.1f} MiB | 1 | <= 30 MiB | "
+                     f"{'yes' if mib <= 30 else 'no'} |")
+    return lines + [""]
+
+
 def load_range(records):
     loads = [r["load1"] for r in records if r.get("load1") is not None]
     return f"{min(loads):.1f} to {max(loads):.1f}" if loads else "n/a"
@@ -219,6 +285,7 @@ def main():
     records = load_jsonl(out / "raw.jsonl")
     chaos_path = out / "chaos.json"
     chaos = json.loads(chaos_path.read_text()) if chaos_path.exists() else None
+    idle = {r["target"]: r["idle_rss_kb"] for r in load_jsonl(out / "idle.jsonl")}
 
     lines = [
         "# slime-router benchmark",
@@ -232,7 +299,7 @@ def main():
         f"{meta['warmup']} s warm-up, "
         f"{'best of %d interleaved rounds' % meta['rounds'] if meta['rounds'] > 1 else 'one round'}, "
         f"concurrency "
-        f"{', '.join(meta['concurrency'])} (c=1: -t1; higher: -t2); everything on 127.0.0.1, "
+        f"{', '.join(meta['concurrency'])}, wrk -t{meta.get('wrk_threads', 1)}; everything on 127.0.0.1, "
         f"load generator on the same {meta['nproc']} cores",
         f"- {meta['workers']} workers per target; {meta['proxy_procs']}",
         f"- 1-minute load average after each measurement: {load_range(records)} "
@@ -251,7 +318,8 @@ def main():
         table, cells = group_table(name, spec, records)
         body += table
         cells_by_group[name] = cells
-    lines += summary_lines(cells_by_group) + body + chaos_lines(chaos)
+    lines += targets_lines(records, idle) + summary_lines(cells_by_group) + body
+    lines += chaos_lines(chaos)
     text = "\n".join(lines)
     (out / "results.md").write_text(text)
     print(text)

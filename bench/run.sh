@@ -16,7 +16,8 @@ OUT=$BENCH/out
 
 DURATION=10
 WARMUP=2
-ROUNDS=2
+ROUNDS=3
+WRK_THREADS=1
 CONCURRENCY="1 64"
 WORKERS=4
 CHAOS_DURATION=30
@@ -31,7 +32,7 @@ BUILD=1
 PROFILE=0
 PROFILE_SECONDS=10
 ONLY=""
-ALL_TARGETS="direct,nginx,sglang,slime,slime-noop,slime-noop3,slime-pd,mock-direct,mock-slime,mock-radix,chaos"
+ALL_TARGETS="direct,nginx,sglang,slime,slime-1t,slime-noop,slime-noop3,slime-pd,mock-direct,mock-slime,mock-radix,chaos"
 
 usage() {
     cat <<EOF
@@ -39,8 +40,11 @@ Usage: bench/run.sh [options]
 
   -d, --duration S        seconds per measured run (default $DURATION)
   -w, --warmup S          warm-up seconds before each measured run (default $WARMUP)
-  -r, --rounds N          repeat every measurement N times, interleaved; report the best (default $ROUNDS)
-  -c, --concurrency "L"   wrk connection counts (default "$CONCURRENCY"; c=1 uses 1 thread, others 2)
+  -r, --rounds N          repeat every measurement N times, interleaved; ratios are taken
+                          per round, and their median and spread reported (default $ROUNDS)
+  -c, --concurrency "L"   wrk connection counts (default "$CONCURRENCY")
+      --wrk-threads N     wrk threads (default $WRK_THREADS: the load generator then takes one
+                          of the 2 cores, the same for every target)
   -n, --workers N         workers behind each proxy (default $WORKERS)
       --chaos-duration S  length of the chaos run (default $CHAOS_DURATION)
       --sglang-policy P   SGLang router policy (default $SGLANG_POLICY; it has no least-in-flight
@@ -62,6 +66,7 @@ while [ $# -gt 0 ]; do
         -w | --warmup) WARMUP=$2; shift 2 ;;
         -r | --rounds) ROUNDS=$2; shift 2 ;;
         -c | --concurrency) CONCURRENCY=$2; shift 2 ;;
+        --wrk-threads) WRK_THREADS=$2; shift 2 ;;
         -n | --workers) WORKERS=$2; shift 2 ;;
         --chaos-duration) CHAOS_DURATION=$2; shift 2 ;;
         --sglang-policy) SGLANG_POLICY=$2; shift 2 ;;
@@ -318,8 +323,8 @@ tree_pids() {
 # wrk runs in the background and is waited for, so a signal reaches the cleanup at once.
 WRK_RESULT=""
 run_wrk() {
-    local conc=$1 secs=$2 url=$3 body=$4 timeout=${5:-5s} threads=1 out=$OUT/logs/wrk.out pid rc=0
-    [ "$conc" -gt 1 ] && threads=2
+    local conc=$1 secs=$2 url=$3 body=$4 timeout=${5:-5s} threads=$WRK_THREADS out=$OUT/logs/wrk.out pid rc=0
+    [ "$threads" -gt "$conc" ] && threads=$conc
     WRK_RESULT=""
     BENCH_BODY=$body wrk -t"$threads" -c"$conc" -d"${secs}s" --timeout "$timeout" \
         -s "$BENCH/generate.lua" "$url" >"$out" 2>&1 &
@@ -381,6 +386,16 @@ rps = r["requests"] / (r["duration_us"] / 1e6)
 errs = r["non2xx"] + r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"]
 print(f"    {rps:>10,.0f} req/s   p50 {r['p50_us']/1000:7.3f} ms   p99 {r['p99_us']/1000:7.3f} ms   errors {errs}")
 EOF
+}
+
+# idle_rss KEY...: each router's RSS before any load (the radix cache loaded, nothing cached),
+# appended to $OUT/idle.jsonl.
+idle_rss() {
+    local key
+    for key in "$@"; do
+        [ -n "${T_PID[$key]}" ] || continue
+        printf '{"target":"%s","idle_rss_kb":%s}\n' "$key" "$(rss_kb "${T_PID[$key]}")" >>"$OUT/idle.jsonl"
+    done
 }
 
 run_group() { # KEY...: every target at every concurrency, interleaved across rounds
@@ -696,7 +711,7 @@ EOF
 
 main() {
     rm -rf "$OUT/logs"
-    rm -f "$OUT/raw.jsonl" "$OUT/chaos.json" "$OUT/results.md" "$OUT/meta.json" \
+    rm -f "$OUT/raw.jsonl" "$OUT/idle.jsonl" "$OUT/chaos.json" "$OUT/results.md" "$OUT/meta.json" \
         "$OUT/profile.txt" "$OUT"/perf.data*
     mkdir -p "$OUT/logs"
     : >"$OUT/raw.jsonl"
@@ -737,6 +752,11 @@ main() {
             alloc_port port
             start_router slime "$port" --worker-urls "${STATIC_URLS[@]}"
             add_target static slime "slime-router" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
+        fi
+        if wanted slime-1t; then
+            alloc_port port
+            start_router slime-1t "$port" --threads 1 --worker-urls "${STATIC_URLS[@]}"
+            add_target static slime-1t "slime-router --threads 1" "http://127.0.0.1:$port/generate" "$BODY_IDS" "$LAST_PID"
         fi
         if wanted slime-noop; then
             alloc_port port
@@ -790,6 +810,7 @@ main() {
         fi
         local ready=()
         ready_targets mock 60
+        idle_rss "${ready[@]}"
         run_group "${ready[@]}"
         local key_pids=()
         for key in "${ready[@]}"; do [ -n "${T_PID[$key]}" ] && key_pids+=("${T_PID[$key]}"); done
@@ -828,7 +849,8 @@ print(json.dumps({
     "nginx": "$nginx_version", "sglang": "$sglang_version",
     "duration": $DURATION, "warmup": $WARMUP, "rounds": $ROUNDS,
     "concurrency": "$CONCURRENCY".split(), "workers": $WORKERS,
-    "proxy_procs": "nginx least_conn: worker_processes auto ($(nproc)); slime-router: default flags",
+    "proxy_procs": "nginx least_conn: worker_processes auto ($(nproc)); slime-router: default flags ($(nproc) serving threads)",
+    "wrk_threads": $WRK_THREADS,
 }))
 EOF
 }
