@@ -19,7 +19,7 @@ use crate::policy::least_in_flight::LeastInFlight;
 use crate::policy::session::{DEFAULT_HEADERS, Sessions};
 use crate::policy::{LoadBound, Policy};
 use crate::pool::Pool;
-use crate::proxy::Proxy;
+use crate::proxy::{Limits, Proxy};
 use crate::tokenizer::Tokenizer;
 use crate::worker::{WorkerType, WorkerUrl};
 
@@ -37,9 +37,7 @@ pub struct App {
     next_id: AtomicU64,
     /// Upstream connections across all threads (`--slime-router-max-connections`).
     permits: Arc<Semaphore>,
-    max_connections: u32,
-    upstream_timeout: Option<Duration>,
-    failure_threshold: u32,
+    limits: Limits,
     /// For `/engine_metrics`: its own connections and a short timeout, so a stuck engine
     /// cannot hold a scrape.
     engine_client: reqwest::Client,
@@ -78,9 +76,12 @@ impl App {
             body_limit: config.max_request_body_bytes(),
             next_id: AtomicU64::new(1),
             permits: Arc::new(Semaphore::new(config.slime_router_max_connections as usize)),
-            max_connections: config.slime_router_max_connections,
-            upstream_timeout: config.upstream_timeout(),
-            failure_threshold: config.slime_router_health_check_failure_threshold,
+            limits: Limits {
+                capacity: config.slime_router_max_connections,
+                timeout: config.upstream_timeout(),
+                connect_timeout: Duration::from_secs_f64(config.connect_timeout_secs),
+                failure_threshold: config.slime_router_health_check_failure_threshold,
+            },
             engine_client: reqwest::Client::builder()
                 .timeout(ENGINE_METRICS_TIMEOUT)
                 .no_proxy()
@@ -143,9 +144,7 @@ impl App {
     pub fn proxy(&self) -> Proxy {
         Proxy::new(
             self.permits.clone(),
-            self.max_connections,
-            self.upstream_timeout,
-            self.failure_threshold,
+            self.limits,
             self.control.rids().clone(),
         )
     }

@@ -34,6 +34,11 @@ pub struct Config {
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub slime_router_max_connections: u32,
 
+    /// Seconds to connect to a worker, apart from --slime-router-timeout: a host that
+    /// drops connection attempts counts as failed this soon, and the request moves on.
+    #[arg(long, default_value_t = 3.0, value_parser = positive_secs)]
+    pub connect_timeout_secs: f64,
+
     /// Consecutive failed probes (or connect failures) before a worker is DEAD.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub slime_router_health_check_failure_threshold: u32,

@@ -29,6 +29,8 @@ pub enum RouterError {
     NoCurrentWorker { secs: f64 },
     #[error("worker {url} unreachable: {reason}")]
     Connect { url: String, reason: String },
+    #[error("router out of resources reaching {url}: {reason}")]
+    Exhausted { url: String, reason: String },
     #[error("worker {url} failed: {reason}")]
     Upstream { url: String, reason: String },
     #[error("worker {url} did not answer within {secs}s")]
@@ -51,6 +53,7 @@ impl RouterError {
             Self::NoLiveWorker
             | Self::NoLiveRole(_)
             | Self::NoCurrentWorker { .. }
+            | Self::Exhausted { .. }
             | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,

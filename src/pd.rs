@@ -174,6 +174,9 @@ fn answered(
 ) -> Result<(Response<Incoming>, Conn), Outcome> {
     result.map_err(|failure| {
         let worker = slot.worker().clone();
+        if let Failure::Local(_) = failure {
+            return Outcome::Fail(failure.into_error(worker.url(), proxy.timeout()));
+        }
         proxy.count_failure(&worker);
         let connect = matches!(failure, Failure::Connect(_));
         let error = failure.into_error(worker.url(), proxy.timeout());

@@ -18,7 +18,7 @@ use crate::error::RouterError;
 use crate::policy::{RouteHint, Routing};
 use crate::pool::{NoPick, Pool};
 use crate::rids::{RidGuard, RidList, Rids};
-use crate::upstream::{Conn, Connections};
+use crate::upstream::{Conn, ConnectError, Connections};
 use crate::worker::{InFlight, Role, Transition, Worker};
 
 /// Attempts for a request whose worker failed after it was sent (connect failures, where
@@ -55,6 +55,8 @@ pub struct Answer {
 pub enum Failure {
     /// Nothing reached the worker.
     Connect(String),
+    /// The router itself ran out of file descriptors or buffers: not the worker's fault.
+    Local(String),
     /// The request may have reached the worker, which then failed without answering.
     Unanswered(String),
     Timeout,
@@ -70,9 +72,32 @@ impl Failure {
                 secs: timeout.map_or(0.0, |t| t.as_secs_f64()),
             },
             Self::Connect(reason) => RouterError::Connect { url, reason },
+            Self::Local(reason) => RouterError::Exhausted { url, reason },
             Self::Unanswered(reason) => RouterError::Upstream { url, reason },
         }
     }
+}
+
+impl From<ConnectError> for Failure {
+    fn from(error: ConnectError) -> Self {
+        match error.local {
+            true => Self::Local(error.reason),
+            false => Self::Connect(error.reason),
+        }
+    }
+}
+
+/// How a proxy reaches its workers.
+#[derive(Clone, Copy)]
+pub struct Limits {
+    /// Connections across all threads (`--slime-router-max-connections`).
+    pub capacity: u32,
+    /// `--slime-router-timeout`, for the response head and between body chunks.
+    pub timeout: Option<Duration>,
+    /// `--connect-timeout-secs`.
+    pub connect_timeout: Duration,
+    /// `--slime-router-health-check-failure-threshold`.
+    pub failure_threshold: u32,
 }
 
 /// One serving thread's way to the workers.
@@ -90,19 +115,13 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy for one serving thread; `permits` bounds connections across all threads, and
     /// `rids` is the router's table of rids in flight.
-    pub fn new(
-        permits: Arc<Semaphore>,
-        capacity: u32,
-        timeout: Option<Duration>,
-        failure_threshold: u32,
-        rids: Arc<Rids>,
-    ) -> Self {
+    pub fn new(permits: Arc<Semaphore>, limits: Limits, rids: Arc<Rids>) -> Self {
         Self {
-            connections: Arc::default(),
+            connections: Arc::new(Connections::new(limits.connect_timeout)),
             permits,
-            capacity,
-            timeout,
-            failure_threshold,
+            capacity: limits.capacity,
+            timeout: limits.timeout,
+            failure_threshold: limits.failure_threshold,
             rids,
         }
     }
@@ -194,6 +213,13 @@ impl Proxy {
                 Err(failure) => failure,
             };
             let worker = slot.worker().clone();
+            if let Failure::Local(_) = failure {
+                tracing::warn!(
+                    worker = worker.url(),
+                    "router out of resources; worker not blamed"
+                );
+                return Err(failure.into_error(worker.url(), self.timeout));
+            }
             let timed_out = matches!(failure, Failure::Timeout);
             sent_attempts += usize::from(matches!(failure, Failure::Unanswered(_)));
             last_error = failure.into_error(worker.url(), self.timeout);
@@ -220,7 +246,10 @@ impl Proxy {
     ) -> Result<(Response<Incoming>, Conn), Failure> {
         let worker = slot.worker();
         worker.counters().requests.inc();
-        let call = self.exchange(worker, out);
+        // Connecting has its own timeout: a worker that cannot be reached is another
+        // worker's request, not a response timeout.
+        let conn = self.connections.get(worker).await?;
+        let call = self.exchange(worker, out, conn);
         let (mut response, conn) = match self.timeout.filter(|_| !worker.is_paused()) {
             Some(limit) => tokio::time::timeout(limit, call)
                 .await
@@ -237,12 +266,8 @@ impl Proxy {
         &self,
         worker: &Worker,
         out: &Outbound,
+        mut conn: Conn,
     ) -> Result<(Response<Incoming>, Conn), Failure> {
-        let mut conn = self
-            .connections
-            .get(worker)
-            .await
-            .map_err(Failure::Connect)?;
         let mut request = outbound_request(worker, out);
         if conn.reused {
             match conn.sender.try_send_request(request).await {
@@ -253,11 +278,7 @@ impl Proxy {
                         Some(unsent) => unsent,
                         None => outbound_request(worker, out),
                     };
-                    conn = self
-                        .connections
-                        .connect(worker)
-                        .await
-                        .map_err(Failure::Connect)?;
+                    conn = self.connections.connect(worker).await?;
                 }
             }
         }

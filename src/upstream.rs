@@ -13,8 +13,6 @@ use tokio::net::TcpStream;
 
 use crate::worker::Worker;
 
-/// Bounds connecting to a worker that silently drops packets.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle connections older than this are not reused: servers close idle keep-alive
 /// connections (uvicorn, which serves SGLang, after 5 s), and a request sent on one being
 /// closed is lost.
@@ -23,9 +21,34 @@ const MAX_IDLE: Duration = Duration::from_secs(4);
 pub type Sender = SendRequest<Full<Bytes>>;
 
 /// One serving thread's idle connections, by worker id.
-#[derive(Default)]
 pub struct Connections {
     idle: Mutex<Vec<Vec<(Instant, Sender)>>>,
+    /// `--connect-timeout-secs`: a host that drops SYNs (powered off) fails this fast, apart
+    /// from the response timeout, so its requests move to a live worker.
+    connect_timeout: Duration,
+}
+
+/// Why no connection to a worker could be made.
+#[derive(Debug)]
+pub struct ConnectError {
+    /// What went wrong, for the client and the log.
+    pub reason: String,
+    /// The router's own shortage (out of file descriptors or buffers), not the worker's fault.
+    pub local: bool,
+}
+
+impl ConnectError {
+    fn io(stage: &str, error: &std::io::Error) -> Self {
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: this process or host is out of something.
+        let local = matches!(
+            error.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        Self {
+            reason: format!("{stage}: {error}"),
+            local,
+        }
+    }
 }
 
 /// A connection in use.
@@ -52,6 +75,14 @@ impl Conn {
 }
 
 impl Connections {
+    /// No connections yet; new ones give up after `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::default(),
+            connect_timeout,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<(Instant, Sender)>>> {
         self.idle
             .lock()
@@ -59,7 +90,7 @@ impl Connections {
     }
 
     /// An idle connection to `worker`, or a new one.
-    pub async fn get(self: &Arc<Self>, worker: &Worker) -> Result<Conn, String> {
+    pub async fn get(self: &Arc<Self>, worker: &Worker) -> Result<Conn, ConnectError> {
         while let Some(mut sender) = self.pop(worker.index()) {
             if sender.ready().await.is_ok() {
                 return Ok(self.conn(sender, worker, true));
@@ -80,16 +111,24 @@ impl Connections {
     }
 
     /// A new connection to `worker`, driven by a task of its own on this thread.
-    pub async fn connect(self: &Arc<Self>, worker: &Worker) -> Result<Conn, String> {
+    pub async fn connect(self: &Arc<Self>, worker: &Worker) -> Result<Conn, ConnectError> {
         let address = worker.authority().as_str();
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        let limit = self.connect_timeout;
+        let stream = tokio::time::timeout(limit, TcpStream::connect(address))
             .await
-            .map_err(|_| format!("connect timed out after {}s", CONNECT_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|_| ConnectError {
+                reason: format!("connect timed out after {}s", limit.as_secs_f64()),
+                local: false,
+            })?
+            .map_err(|e| ConnectError::io("connect", &e))?;
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
+        let (sender, connection) =
+            http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| ConnectError {
+                    reason: format!("handshake: {e}"),
+                    local: false,
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended");

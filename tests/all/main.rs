@@ -5,6 +5,7 @@ mod admin;
 mod common;
 mod control;
 mod examples;
+mod faults;
 mod guests;
 mod health;
 mod middleware;
