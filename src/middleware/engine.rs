@@ -2,7 +2,6 @@
 //! allocator, epoch interruption driven by a ticker thread, and one linker holding WASI and
 //! the router's imports.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Thread;
@@ -67,11 +66,9 @@ impl Engine {
     }
 
     /// Compiles and links one component (never on the request path).
-    pub fn prepare(&self, path: &Path) -> anyhow::Result<MiddlewarePre<HostState>> {
-        let bytes =
-            std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read the file: {e}"))?;
+    pub fn prepare(&self, bytes: &[u8]) -> anyhow::Result<MiddlewarePre<HostState>> {
         let component =
-            Component::new(&self.engine, &bytes).context("not a valid WebAssembly component")?;
+            Component::new(&self.engine, bytes).context("not a valid WebAssembly component")?;
         let pre = self
             .linker
             .instantiate_pre(&component)

@@ -4,6 +4,7 @@
 //! routes of its own.
 
 mod bindings;
+pub mod builtin;
 mod edit;
 mod engine;
 mod host;
@@ -93,7 +94,8 @@ impl Exchange {
 /// How middleware is loaded and bounded.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
-    /// `path.wasm` or `path.wasm?config`, in pipeline order.
+    /// `path.wasm`, a built-in name (see [`builtin`]), either followed by `?config`, in
+    /// pipeline order.
     pub specs: Vec<String>,
     /// Linear memory cap per instance, in bytes.
     pub memory_cap: usize,
@@ -369,7 +371,7 @@ struct Loader<'a> {
 impl Loader<'_> {
     /// Compiles one middleware and makes its first instance, which reads the manifest.
     async fn load(&self, file: &str, config: &str, loaded: &[Arc<Guest>]) -> anyhow::Result<Guest> {
-        let pre = self.engine.prepare(Path::new(file))?;
+        let pre = self.engine.prepare(&builtin::component(file)?)?;
         let factory = |name: String, metrics: Arc<Metrics>| Factory {
             engine: self.engine.wasmtime().clone(),
             epochs: self.engine.epochs().clone(),
