@@ -22,6 +22,7 @@ use crate::pool::Pool;
 use crate::proxy::{Limits, Proxy};
 use crate::tokenizer::Tokenizer;
 use crate::worker::{WorkerType, WorkerUrl};
+use crate::worker_hosts::WorkerHosts;
 
 /// How long `/engine_metrics` waits for one worker's `/metrics`.
 const ENGINE_METRICS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +43,7 @@ pub struct App {
     /// cannot hold a scrape.
     engine_client: reqwest::Client,
     control: Control,
+    worker_hosts: WorkerHosts,
 }
 
 impl App {
@@ -50,8 +52,12 @@ impl App {
     pub async fn load(config: &Config, probe_now: ProbeNow) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let pool = Arc::new(pool(config, metrics.clone())?);
+        let worker_hosts = WorkerHosts::parse(&config.allow_worker_host).map_err(anyhow::Error::msg)?;
         for raw in &config.worker_urls {
             let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
+            worker_hosts
+                .check(url.host(), &url.addresses().await)
+                .map_err(anyhow::Error::msg)?;
             let (worker, _) = pool
                 .add(url, WorkerType::Regular)
                 .map_err(|w| anyhow::anyhow!("worker {} is listed twice", w.url()))?;
@@ -87,7 +93,13 @@ impl App {
                 .no_proxy()
                 .build()?,
             control: Control::new(config.control_timeout())?,
+            worker_hosts,
         })
+    }
+
+    /// The hosts workers may be registered at (`--allow-worker-host`).
+    pub fn worker_hosts(&self) -> &WorkerHosts {
+        &self.worker_hosts
     }
 
     /// The control plane: fanned-out RL control calls and the rids in flight.

@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_request_body_mib: u64,
 
+    /// Worker hosts that may be registered: names, addresses or CIDRs (`10.0.0.0/8`). When
+    /// given, no other host is accepted. Without it any host is, except link-local and cloud
+    /// metadata addresses (169.254.0.0/16, fe80::/10, fd00:ec2::254), which must be named here.
+    #[arg(long, num_args = 1.., value_name = "HOST|CIDR")]
+    pub allow_worker_host: Vec<String>,
+
     /// When set, worker-management endpoints require `Authorization: Bearer <key>`.
     #[arg(long, env = "SLIME_ROUTER_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,

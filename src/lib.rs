@@ -37,6 +37,7 @@ pub mod tokenizer;
 mod upstream;
 mod versions;
 pub mod worker;
+mod worker_hosts;
 
 pub use config::Config;
 pub use server::RunningRouter;

@@ -60,6 +60,26 @@ impl WorkerUrl {
     pub fn as_str(&self) -> &str {
         &self.canonical
     }
+
+    /// The host part (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        let host = self.authority.host();
+        host.strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+    }
+
+    /// The addresses the host stands for: itself when it is an address, else what it resolves
+    /// to (nothing when it does not resolve; such a worker just fails its health checks).
+    pub async fn addresses(&self) -> Vec<std::net::IpAddr> {
+        if let Ok(address) = self.host().parse() {
+            return vec![address];
+        }
+        match tokio::net::lookup_host(self.authority.as_str()).await {
+            Ok(found) => found.map(|a| a.ip()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 /// A worker's part in serving: SGLang router's `worker_type`. Prefill and decode workers
@@ -255,10 +275,7 @@ impl Worker {
 
     /// The host part of its url, as a prefill's `bootstrap_host` (IPv6 without brackets).
     pub fn host(&self) -> &str {
-        let host = self.url.authority.host();
-        host.strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host)
+        self.url.host()
     }
 
     pub(crate) fn worker_url(&self) -> &WorkerUrl {

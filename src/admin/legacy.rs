@@ -17,7 +17,7 @@ use crate::worker::WorkerType;
 /// `POST /add_worker?url=U` (or `worker_url`, or a JSON body): re-adding is a no-op.
 pub async fn add(app: &App, req: Request<Incoming>) -> Result<Response<RouterBody>, RouterError> {
     let url = url_from_request(req).await?;
-    register(app, &url, WorkerType::Regular)?;
+    register(app, &url, WorkerType::Regular).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"status": "success", "worker_urls": WorkerCounts(app.pool())}),

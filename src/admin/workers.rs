@@ -21,7 +21,7 @@ pub async fn post(app: &App, req: Request<Incoming>) -> Result<Response<RouterBo
         .and_then(Value::as_str)
         .ok_or_else(|| RouterError::BadRequest("JSON body must carry \"url\"".to_owned()))?;
     let kind = worker_type(&body)?;
-    let worker = register(app, url, kind)?;
+    let worker = register(app, url, kind).await?;
     let mut answer = entry(&worker);
     answer["status"] = json!("success");
     answer["worker_id"] = json!(worker.id());
@@ -69,12 +69,15 @@ pub fn delete(app: &App, path: &str) -> Result<Response<RouterBody>, RouterError
 
 /// Registers `raw` as `kind`, or finds it registered as `kind` already. A new worker, or a
 /// dead one that registers again, is probed at once instead of at the next round.
-pub fn register(
+pub async fn register(
     app: &App,
     raw: &str,
     kind: WorkerType,
 ) -> Result<std::sync::Arc<Worker>, RouterError> {
     let url = WorkerUrl::parse(raw).map_err(RouterError::BadRequest)?;
+    app.worker_hosts()
+        .check(url.host(), &url.addresses().await)
+        .map_err(RouterError::Forbidden)?;
     let (worker, added) = app.pool().add(url, kind).map_err(|existing| {
         RouterError::Conflict(format!(
             "worker {} is registered as {}; remove it before registering it as {}",

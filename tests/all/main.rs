@@ -15,5 +15,6 @@ mod radix;
 mod radix_fidelity;
 mod routing;
 mod shutdown;
+mod security;
 mod slime;
 mod streaming;
