@@ -52,7 +52,8 @@ impl App {
     pub async fn load(config: &Config, probe_now: ProbeNow) -> anyhow::Result<Self> {
         let metrics = Arc::new(Metrics::new());
         let pool = Arc::new(pool(config, metrics.clone())?);
-        let worker_hosts = WorkerHosts::parse(&config.allow_worker_host).map_err(anyhow::Error::msg)?;
+        let worker_hosts =
+            WorkerHosts::parse(&config.allow_worker_host).map_err(anyhow::Error::msg)?;
         for raw in &config.worker_urls {
             let url = WorkerUrl::parse(raw).map_err(anyhow::Error::msg)?;
             worker_hosts

@@ -125,10 +125,16 @@ mod tests {
             "arrival order"
         );
         assert_eq!(v.cmp(None, Some("9")), Ordering::Less);
+        // Steps behind count the versions between, so a run keeps to one kind of name.
+        let v = Versions::default();
+        for name in ["10", "9"] {
+            v.record(name);
+        }
         assert_eq!(v.behind(Some("9"), Some("10")), 1);
         assert_eq!(v.behind(Some("10"), Some("10")), 0);
         v.record("11");
         assert_eq!(v.behind(Some("9"), Some("11")), 2);
+        assert_eq!(v.behind(None, Some("11")), 3, "an unknown version is the oldest");
     }
 
     #[test]

@@ -38,7 +38,14 @@ impl WorkerUrl {
             .host_str()
             .filter(|h| !h.is_empty())
             .ok_or_else(|| bad("no host"))?;
+        // DNS names are at most 253 bytes; a longer one can never resolve.
+        if host.len() > 253 {
+            return Err(bad("host name longer than 253 bytes"));
+        }
         let port = url.port_or_known_default().ok_or_else(|| bad("no port"))?;
+        if port == 0 {
+            return Err(bad("port 0 is not a port a worker listens on"));
+        }
         if !url.username().is_empty() || url.password().is_some() {
             return Err(bad("credentials are not allowed"));
         }
@@ -389,9 +396,12 @@ mod tests {
             "http://h:1/x",
             "http://h:1?q=1",
             "http://u:p@h:1",
+            "http://h:0",
         ] {
             assert!(WorkerUrl::parse(bad).is_err(), "{bad} accepted");
         }
+        let long = format!("http://{}.example:1", "a".repeat(250));
+        assert!(WorkerUrl::parse(&long).is_err(), "a 258-byte host accepted");
     }
 
     #[test]

@@ -48,7 +48,7 @@ impl Route {
     fn needs_admin_key(self) -> bool {
         matches!(
             self,
-            Self::AddWorker | Self::RemoveWorker | Self::Workers | Self::Worker
+            Self::AddWorker | Self::RemoveWorker | Self::ListWorkers | Self::Workers | Self::Worker
         )
     }
 }
@@ -99,7 +99,7 @@ fn check_admin_key(key: Option<&str>, req: &Request<Incoming>) -> Result<(), Rou
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or_default();
     if constant_time_eq(presented.as_bytes(), key.as_bytes()) {
         Ok(())
@@ -108,6 +108,12 @@ fn check_admin_key(key: Option<&str>, req: &Request<Incoming>) -> Result<(), Rou
             "worker management requires Authorization: Bearer <admin key>",
         ))
     }
+}
+
+/// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Compares without an early exit, so response time does not reveal how much matched.
@@ -122,5 +128,14 @@ mod tests {
         assert!(super::constant_time_eq(b"abc", b"abc"));
         assert!(!super::constant_time_eq(b"abc", b"abd"));
         assert!(!super::constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer k", "bearer k", "BEARER  k"] {
+            assert_eq!(super::bearer_token(header), Some("k"), "{header}");
+        }
+        assert_eq!(super::bearer_token("Basic k"), None);
+        assert_eq!(super::bearer_token("Bearerk"), None);
     }
 }

@@ -161,6 +161,23 @@ async fn admin_key_guards_management_but_not_traffic() -> Result<()> {
         .send()
         .await?;
     assert_eq!(ok.status().as_u16(), 200);
+    let listed = r.client.get(r.url("/list_workers")).send().await?;
+    assert_eq!(
+        listed.status().as_u16(),
+        401,
+        "the legacy listing is guarded too"
+    );
+    let lowercase = r
+        .client
+        .get(r.url("/list_workers"))
+        .header("authorization", "bearer s3cret")
+        .send()
+        .await?;
+    assert_eq!(
+        lowercase.status().as_u16(),
+        200,
+        "the scheme is case-insensitive"
+    );
     let (status, _) = r.post("/generate", &json!({"text": "hi"})).await?;
     assert_eq!(status, 200, "proxied traffic needs no admin key");
     Ok(())

@@ -44,7 +44,11 @@ async fn a_worker_whose_connects_hang_loses_its_requests_to_a_live_one() -> Resu
         let (status, body) = r.post("/generate", &json!({"text": "x"})).await?;
         assert_eq!(status, 200, "{body}");
     }
-    assert_eq!(live.requests(), 12, "every request ended on the live worker");
+    assert_eq!(
+        live.requests(),
+        12,
+        "every request ended on the live worker"
+    );
     eventually(2.0, async || {
         let workers = r.workers().await?;
         Ok(workers
