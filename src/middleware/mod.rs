@@ -33,7 +33,6 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::proxy::{Answer, Outbound};
 use crate::tokenizer::Tokenizer;
-use crate::versions;
 
 /// A request on its way through the pipeline.
 pub struct Exchange {
@@ -304,7 +303,7 @@ impl Pipeline {
                 .any(|(_, g)| g.wants(Hooks::RESPONSE_BODY));
         let (mut body, mut upstream) = (None, Some((incoming, answer.lease)));
         if wants_body && let Some((incoming, lease)) = upstream.take() {
-            body = Some(buffer(incoming, lease).await?);
+            body = Some(buffer(incoming, lease, idle).await?);
         }
         let mut stashes = std::mem::take(&mut ex.stashes);
         let request_headers = wit_headers(&ex.out.headers);
@@ -396,19 +395,19 @@ impl Loader<'_> {
     }
 }
 
-/// Reads the worker's whole body; the connection is reused once it is read to the end.
-async fn buffer(incoming: hyper::body::Incoming, lease: Lease) -> Result<Bytes, RouterError> {
-    match incoming.collect().await {
-        Ok(collected) => {
-            let bytes = collected.to_bytes();
-            if let Some(version) = versions::scan(&bytes) {
-                lease.slot.worker().observe_version(version);
-            }
-            lease.complete();
-            Ok(bytes)
-        }
+/// Reads the worker's whole body through the same body type the client would get, so the
+/// response timeout between chunks, the pause exemption, version scanning and connection
+/// reuse apply as they do to a body streamed through.
+async fn buffer(
+    incoming: hyper::body::Incoming,
+    lease: Lease,
+    idle: Option<Duration>,
+) -> Result<Bytes, RouterError> {
+    let url = lease.slot.worker().url().to_owned();
+    match RouterBody::upstream(incoming, lease, idle).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => Err(RouterError::Upstream {
-            url: lease.slot.worker().url().to_owned(),
+            url,
             reason: e.to_string(),
         }),
     }

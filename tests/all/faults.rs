@@ -1,10 +1,12 @@
-//! Faults a worker's host can cause without ever answering: connects that hang.
+//! Faults a worker's host can cause without answering: connects that hang, bodies that stall.
 
 use anyhow::Result;
 use serde_json::json;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::common::{eventually, mock, router};
+use guest_artifacts::PROBE;
+
+use crate::common::{eventually, mock, mw, router};
 
 /// A listener on 127.0.0.1 whose accept queue is full, so that further connects hang as they
 /// do to a powered-off host that drops SYNs. Returns its url and what keeps it so.
@@ -56,5 +58,59 @@ async fn a_worker_whose_connects_hang_loses_its_requests_to_a_live_one() -> Resu
             .any(|(url, _, healthy)| *url == hole && !healthy))
     })
     .await?;
+    Ok(())
+}
+
+/// A worker that answers `/generate` with a head and half a body, then stalls; anything
+/// else gets an empty JSON object.
+async fn stalls_mid_body() -> Result<(String, tokio::task::JoinHandle<()>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut byte).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&byte[..n]),
+                }
+            }
+            let answer: &[u8] = if head.starts_with(b"POST /generate") {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"text\":"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+            };
+            let _ = stream.write_all(answer).await;
+            held.push(stream);
+        }
+    });
+    Ok((url, task))
+}
+
+#[tokio::test]
+async fn a_body_stalling_under_a_buffering_middleware_times_out() -> Result<()> {
+    let (url, server) = stalls_mid_body().await?;
+    let r = router(|c| {
+        c.worker_urls = vec![url];
+        c.slime_router_middleware_paths = vec![mw(PROBE, "resp_json=1")];
+        c.slime_router_timeout = Some(0.5);
+    })
+    .await?;
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        r.post("/generate", &json!({"text": "x"})),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the client hung on a stalled body"))??;
+    assert_eq!(answer.0, 502, "{}", answer.1);
+    assert!(
+        answer.1["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("sent nothing"))
+    );
+    server.abort();
     Ok(())
 }
