@@ -35,6 +35,7 @@ pub struct App {
     probe_now: ProbeNow,
     admin_key: Option<String>,
     body_limit: usize,
+    body_timeout: Duration,
     next_id: AtomicU64,
     /// Upstream connections across all threads (`--slime-router-max-connections`).
     permits: Arc<Semaphore>,
@@ -81,6 +82,7 @@ impl App {
             probe_now,
             admin_key: config.admin_api_key.clone().filter(|k| !k.is_empty()),
             body_limit: config.max_request_body_bytes(),
+            body_timeout: Duration::from_secs_f64(config.client_body_timeout_secs),
             next_id: AtomicU64::new(1),
             permits: Arc::new(Semaphore::new(config.slime_router_max_connections as usize)),
             limits: Limits {
@@ -141,6 +143,11 @@ impl App {
     /// The request body cap (`--max-request-body-mib`).
     pub fn body_limit(&self) -> usize {
         self.body_limit
+    }
+
+    /// How long a client may take to send its body (`--client-body-timeout-secs`).
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
     }
 
     /// The client `/engine_metrics` fetches with.

@@ -81,6 +81,10 @@ pub struct Config {
     #[arg(long, num_args = 1.., value_name = "HOST|CIDR")]
     pub allow_worker_host: Vec<String>,
 
+    /// Seconds a client may take to send its whole request body (then 408).
+    #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
+    pub client_body_timeout_secs: f64,
+
     /// When set, worker-management endpoints require `Authorization: Bearer <key>`.
     #[arg(long, env = "SLIME_ROUTER_ADMIN_API_KEY", hide_env_values = true)]
     pub admin_api_key: Option<String>,

@@ -52,7 +52,7 @@ async fn proxied(
     let (app, proxy) = (&*local.app, &local.proxy);
     let pipeline = app.pipeline();
     let (parts, body) = req.into_parts();
-    let body = read_request(&parts.headers, body, app.body_limit()).await?;
+    let body = read_request(&parts.headers, body, app.body_limit(), app.body_timeout()).await?;
     let mut exchange = Exchange::new(app.next_request_id(), parts, body);
     if let Some(reply) = pipeline.on_request(&mut exchange).await? {
         return Ok(reply);

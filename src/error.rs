@@ -11,6 +11,8 @@ use crate::body::RouterBody;
 pub enum RouterError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("request body not received within {secs}s (--client-body-timeout-secs)")]
+    ClientTimeout { secs: f64 },
     #[error("request body exceeds the {limit}-byte limit (--max-request-body-mib)")]
     BodyTooLarge { limit: usize },
     #[error("{0}")]
@@ -48,6 +50,7 @@ impl RouterError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ClientTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,

@@ -1,6 +1,10 @@
-//! Reading a client's request body under the size cap. An oversized body is refused with
-//! 413, after reading (and discarding) enough of it that the client, which is usually still
-//! sending, receives the answer instead of a connection reset.
+//! Reading a client's request body under the size cap and a deadline. An oversized body is
+//! refused with 413, after reading (and discarding) enough of it that the client, which is
+//! usually still sending, receives the answer instead of a connection reset; a body still
+//! arriving at the deadline gets 408, so a client trickling a byte at a time cannot hold a
+//! connection and its buffers forever.
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, header};
@@ -13,12 +17,22 @@ use crate::error::RouterError;
 /// usually still sending, receives the 413 instead of a connection reset.
 const DRAIN_LIMIT: usize = 64 << 20;
 
-/// Reads a whole request body, refusing more than `limit` bytes (413).
+/// Reads a whole request body, refusing more than `limit` bytes (413) and one that takes
+/// longer than `deadline` (408).
 pub async fn read_request(
     headers: &HeaderMap,
-    mut body: Incoming,
+    body: Incoming,
     limit: usize,
+    deadline: Duration,
 ) -> Result<Bytes, RouterError> {
+    tokio::time::timeout(deadline, read(headers, body, limit))
+        .await
+        .map_err(|_| RouterError::ClientTimeout {
+            secs: deadline.as_secs_f64(),
+        })?
+}
+
+async fn read(headers: &HeaderMap, mut body: Incoming, limit: usize) -> Result<Bytes, RouterError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

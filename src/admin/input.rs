@@ -10,6 +10,8 @@ use crate::request::read_request;
 
 /// Admin bodies are a url or two; anything bigger is a mistake.
 const ADMIN_BODY_LIMIT: usize = 1 << 20;
+/// Admin bodies are a few bytes of JSON; one that takes longer than this is a stalled client.
+const ADMIN_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 const URL_REQUIRED: &str = "worker_url is required (use query ?url=... or JSON body)";
 
@@ -38,7 +40,7 @@ pub async fn url_from_request(req: Request<Incoming>) -> Result<String, RouterEr
 /// A JSON object body; an empty body is an empty object.
 pub async fn json_body(req: Request<Incoming>) -> Result<Map<String, Value>, RouterError> {
     let (parts, body) = req.into_parts();
-    let bytes = read_request(&parts.headers, body, ADMIN_BODY_LIMIT).await?;
+    let bytes = read_request(&parts.headers, body, ADMIN_BODY_LIMIT, ADMIN_BODY_TIMEOUT).await?;
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }

@@ -114,3 +114,43 @@ async fn a_body_stalling_under_a_buffering_middleware_times_out() -> Result<()> 
     server.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_body_gets_408() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = mock().await?;
+    let url = a.url();
+    let r = router(|c| {
+        c.worker_urls = vec![url];
+        c.client_body_timeout_secs = 0.5;
+    })
+    .await?;
+    let mut stream = TcpStream::connect(r.router.addr()).await?;
+    let head = "POST /generate HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{";
+    stream.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            // A byte now and then: each is progress, none finishes the body.
+            let _ = stream.write_all(b" ").await;
+            let mut buf = [0u8; 512];
+            tokio::select! {
+                n = stream.read(&mut buf) => match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    anyhow::ensure!(read.is_ok(), "the router waited on the trickle");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("--client-body-timeout-secs"), "{text}");
+    assert_eq!(a.requests(), 0, "nothing reached the worker");
+    Ok(())
+}
