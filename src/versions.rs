@@ -134,7 +134,11 @@ mod tests {
         assert_eq!(v.behind(Some("10"), Some("10")), 0);
         v.record("11");
         assert_eq!(v.behind(Some("9"), Some("11")), 2);
-        assert_eq!(v.behind(None, Some("11")), 3, "an unknown version is the oldest");
+        assert_eq!(
+            v.behind(None, Some("11")),
+            3,
+            "an unknown version is the oldest"
+        );
     }
 
     #[test]
