@@ -10,7 +10,6 @@ WORKER_PORTS=${WORKER_PORTS:-"31001 31002"}
 TOKENIZER=tests/fixtures/tokenizer.json
 
 scripts/setup.sh
-middleware-examples/build.sh >/dev/null
 cargo build --release --bins
 
 pids=()
@@ -28,7 +27,7 @@ target/release/slime-router \
     --sglang-router-port "$ROUTER_PORT" \
     --worker-urls "${workers[@]}" \
     --hf-checkpoint "$TOKENIZER" \
-    --slime-router-middleware-paths middleware-examples/target/wasm32-wasip2/release/radix_tree.wasm \
+    --slime-router-middleware-paths radix_tree \
     --rollout-health-check-interval 5 &
 pids+=($!)
 
