@@ -39,6 +39,8 @@ pub struct App {
     next_id: AtomicU64,
     /// Upstream connections across all threads (`--slime-router-max-connections`).
     permits: Arc<Semaphore>,
+    /// Client connections across all threads (`--max-client-connections`).
+    client_slots: Arc<Semaphore>,
     limits: Limits,
     /// For `/engine_metrics`: its own connections and a short timeout, so a stuck engine
     /// cannot hold a scrape.
@@ -85,6 +87,7 @@ impl App {
             body_timeout: Duration::from_secs_f64(config.client_body_timeout_secs),
             next_id: AtomicU64::new(1),
             permits: Arc::new(Semaphore::new(config.slime_router_max_connections as usize)),
+            client_slots: Arc::new(Semaphore::new(config.max_client_connections as usize)),
             limits: Limits {
                 capacity: config.slime_router_max_connections,
                 timeout: config.upstream_timeout(),
@@ -143,6 +146,11 @@ impl App {
     /// The request body cap (`--max-request-body-mib`).
     pub fn body_limit(&self) -> usize {
         self.body_limit
+    }
+
+    /// Slots for client connections; one is held while a connection is open.
+    pub fn client_slots(&self) -> Arc<Semaphore> {
+        self.client_slots.clone()
     }
 
     /// How long a client may take to send its body (`--client-body-timeout-secs`).

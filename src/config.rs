@@ -81,6 +81,11 @@ pub struct Config {
     #[arg(long, num_args = 1.., value_name = "HOST|CIDR")]
     pub allow_worker_host: Vec<String>,
 
+    /// Client connections open at once, across threads; beyond it a new connection gets 503
+    /// JSON and is closed, so a flood cannot exhaust the router's file descriptors.
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections: u32,
+
     /// Seconds a client may take to send its whole request body (then 408).
     #[arg(long, default_value_t = 60.0, value_parser = positive_secs)]
     pub client_body_timeout_secs: f64,

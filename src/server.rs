@@ -173,13 +173,20 @@ async fn accept_loop(listener: TcpListener, local: Arc<Local>, mut stopped: watc
             _ = stopped.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let Ok(slot) = local.app.client_slots().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let local = local.clone();
         let service = service_fn(move |req| {
             let local = local.clone();
             async move { Ok::<_, Infallible>(dispatch::handle(&local, req).await) }
         });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(graceful.watch(connection));
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = connection.await;
+            drop(slot);
+        });
     }
     drop(listener);
     if *stopped.borrow() == Stop::Now {
@@ -189,6 +196,20 @@ async fn accept_loop(listener: TcpListener, local: Arc<Local>, mut stopped: watc
         _ = graceful.shutdown() => {}
         _ = stopped.wait_for(|s| *s == Stop::Now) => {}
     }
+}
+
+/// Answers a connection beyond `--max-client-connections` with 503 and closes it, without
+/// reading its request: refusing must cost less than serving.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = r#"{"error":"too many client connections (--max-client-connections)"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Compiling the middleware (Cranelift) and loading the tokenizer leave megabytes of freed

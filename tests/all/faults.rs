@@ -154,3 +154,50 @@ async fn a_client_trickling_its_body_gets_408() -> Result<()> {
     assert_eq!(a.requests(), 0, "nothing reached the worker");
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_beyond_the_cap_get_a_fast_503() -> Result<()> {
+    use tokio::io::AsyncReadExt;
+    let a = mock().await?;
+    let url = a.url();
+    let r = router(|c| {
+        c.worker_urls = vec![url];
+        c.max_client_connections = 2;
+    })
+    .await?;
+    // Serving threads accept in any order, so which of three connections is refused is
+    // not known; exactly one is, at once and without sending anything.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(TcpStream::connect(r.router.addr()).await?);
+    }
+    let mut refused = Vec::new();
+    let mut held = Vec::new();
+    for mut stream in streams {
+        let mut answer = vec![0u8; 512];
+        let read = stream.read(&mut answer);
+        match tokio::time::timeout(std::time::Duration::from_millis(1500), read).await {
+            Ok(Ok(n)) if n > 0 => refused.push(String::from_utf8_lossy(&answer[..n]).into_owned()),
+            _ => held.push(stream),
+        }
+    }
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].starts_with("HTTP/1.1 503"), "{}", refused[0]);
+    assert!(
+        refused[0].contains("--max-client-connections"),
+        "{}",
+        refused[0]
+    );
+    drop(held);
+    // Closed connections give their slots back.
+    eventually(5.0, async || {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let response = client
+            .post(r.url("/generate"))
+            .body(r#"{"text":"x"}"#)
+            .send()
+            .await;
+        Ok(response.is_ok_and(|r| r.status() == 200))
+    })
+    .await
+}
