@@ -20,10 +20,15 @@ pub struct Config {
     #[arg(long, default_value_t = 30000)]
     pub sglang_router_port: u16,
 
-    /// Middleware components (`.wasm`), run in the order given. A config string may follow
-    /// the path after `?`, e.g. `radix_tree.wasm?max_tokens=1000000`.
+    /// Middleware components, run in the order given: a `.wasm` file, or the name of one
+    /// built into the router (see --list-middleware). A config string may follow after `?`,
+    /// e.g. `radix_tree?max_tokens=1000000`.
     #[arg(long, num_args = 1.., value_name = "PATH")]
     pub slime_router_middleware_paths: Vec<String>,
+
+    /// Print the names of the built-in middleware and exit.
+    #[arg(long)]
+    pub list_middleware: bool,
 
     /// Upstream timeout in seconds, for the response head and between body chunks
     /// (none by default: long generations are normal).

@@ -1,11 +1,18 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use slime_router::middleware::builtin;
 use slime_router::{Config, RunningRouter};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let config = Config::parse();
+    if config.list_middleware {
+        for name in builtin::names() {
+            println!("{name}");
+        }
+        return ExitCode::SUCCESS;
+    }
     init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -2,6 +2,7 @@
 //! binary, so the heavy dependencies link once.
 
 mod admin;
+mod builtin;
 mod common;
 mod control;
 mod examples;
@@ -14,7 +15,7 @@ mod proxy;
 mod radix;
 mod radix_fidelity;
 mod routing;
-mod shutdown;
 mod security;
+mod shutdown;
 mod slime;
 mod streaming;
