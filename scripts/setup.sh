@@ -22,3 +22,12 @@ if ! rustup target list --installed | grep -x wasm32-wasip2 >/dev/null; then
     echo "setup: installing the wasm32-wasip2 target" >&2
     rustup target add wasm32-wasip2
 fi
+
+# The wheel is built with maturin from a venv, and mock-worker is stripped before packing.
+missing=()
+python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v strip >/dev/null || missing+=(binutils)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}"
+fi
