@@ -1,8 +1,9 @@
-//! One request's way through the router, in the order it happens: the router's own
-//! endpoints; else the body is read, `on-request` hooks run (and may answer), a middleware
-//! may own the route, control calls fan out to the workers, generation (its rids noted)
-//! goes to a prefill/decode pair when the pool has both, and everything else is proxied to
-//! one worker; the answer goes back through the response hooks.
+//! One request's way through the router, in the order it happens: its path decoded as a
+//! worker would route it; the router's own endpoints; else the body is read, `on-request`
+//! hooks run (and may answer), a middleware may own the route, control calls fan out to the
+//! workers, generation (its rids noted) goes to a prefill/decode pair when the pool has both,
+//! and everything else is proxied to one worker; the answer goes back through the response
+//! hooks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use crate::body::RouterBody;
 use crate::control;
 use crate::error::RouterError;
 use crate::middleware::Exchange;
+use crate::path;
 use crate::pd;
 use crate::proxy::{Answer, Proxy};
 use crate::request::read_request;
@@ -30,7 +32,12 @@ pub struct Local {
 }
 
 /// Answers one request; every error becomes its JSON response here.
-pub async fn handle(local: &Local, req: Request<Incoming>) -> Response<RouterBody> {
+pub async fn handle(local: &Local, mut req: Request<Incoming>) -> Response<RouterBody> {
+    match path::canonical(req.uri()) {
+        Ok(Some(uri)) => *req.uri_mut() = uri,
+        Ok(None) => {}
+        Err(reason) => return RouterError::BadRequest(reason).into_response(),
+    }
     let result = match admin::Route::of(req.uri().path()) {
         Some(route) => admin::serve(&local.app, route, req).await,
         None => proxied(local, req).await,

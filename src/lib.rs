@@ -26,6 +26,7 @@ mod json;
 mod listen;
 pub mod metrics;
 pub mod middleware;
+mod path;
 mod pd;
 pub mod policy;
 pub mod pool;

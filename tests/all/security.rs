@@ -1,10 +1,11 @@
-//! Registering workers without an admin key: the router must not become a proxy to the
-//! cloud metadata service or other link-local hosts.
+//! The router must not become a proxy to the cloud metadata service or other link-local
+//! hosts, and an encoded path must not slip past a middleware's path filter.
 
 use anyhow::Result;
+use guest_artifacts::API_KEY_AUTH;
 use serde_json::json;
 
-use crate::common::{mock, router};
+use crate::common::{mock, mw, router, router_mw};
 
 #[tokio::test]
 async fn metadata_and_link_local_hosts_are_refused() -> Result<()> {
@@ -53,5 +54,47 @@ async fn a_metadata_address_at_startup_is_a_clear_error() -> Result<()> {
     let refused = router(|c| c.worker_urls = vec!["http://169.254.169.254:80".into()]).await;
     let error = refused.err().map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(error.contains("--allow-worker-host"), "{error}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn encoded_paths_meet_the_filters_a_worker_would_route_on() -> Result<()> {
+    let a = mock().await?;
+    let guard = mw(API_KEY_AUTH, "keys=k1&paths=/generate");
+    let r = router_mw(&[guard], &[&a]).await?;
+    let (status, body) = r.post("/%67enerate", &json!({"text": "x"})).await?;
+    assert_eq!(
+        status, 401,
+        "an encoded path slipped past the key check: {body}"
+    );
+    assert_eq!(a.requests(), 0);
+    let keyed = r
+        .client
+        .post(r.url("/%67enerate"))
+        .bearer_auth("k1")
+        .body(r#"{"text":"x"}"#)
+        .send()
+        .await?;
+    assert_eq!(keyed.status().as_u16(), 200);
+    assert_eq!(
+        a.last_seen().map(|s| s.path_and_query),
+        Some("/generate".into())
+    );
+    for ambiguous in ["/gen%2Ferate", "/%FF", "/x%00"] {
+        let (status, body) = r.post_raw(ambiguous, "{}").await?;
+        assert_eq!(
+            status,
+            400,
+            "{ambiguous}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(crate::common::parse(&body)?["error"].is_string());
+    }
+    let (status, listed) = r.get("/work%65rs").await?;
+    assert_eq!(status, 200);
+    assert!(
+        listed["workers"].is_array(),
+        "admin routes match decoded paths too"
+    );
     Ok(())
 }
