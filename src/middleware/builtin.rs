@@ -51,6 +51,12 @@ pub fn names() -> impl Iterator<Item = &'static str> {
 /// name (`-` and `_` alike, as crate and file names differ) or a legacy SlimeRouter path.
 pub fn component(spec: &str) -> anyhow::Result<Cow<'static, [u8]>> {
     if spec.contains('/') || spec.ends_with(".wasm") || Path::new(spec).is_file() {
+        // Reading a FIFO or a device would block startup (or never end): refuse them.
+        let meta =
+            std::fs::metadata(spec).map_err(|e| anyhow::anyhow!("cannot read the file: {e}"))?;
+        if !meta.is_file() {
+            bail!("not a regular file");
+        }
         return std::fs::read(spec)
             .map(Cow::Owned)
             .map_err(|e| anyhow::anyhow!("cannot read the file: {e}"));
@@ -99,5 +105,23 @@ mod tests {
         assert!(error.starts_with("cannot read the file"), "{error}");
         let error = component("radix_tree.wasm").unwrap_err().to_string();
         assert!(error.starts_with("cannot read the file"), "{error}");
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("slime-router-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("guest.wasm");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        for path in [fifo.to_str().unwrap(), "/dev/null"] {
+            let error = component(path).unwrap_err().to_string();
+            assert_eq!(error, "not a regular file", "{path}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
