@@ -52,6 +52,9 @@ async fn re_adding_a_dead_worker_probes_it_at_once() -> Result<()> {
         c.slime_router_health_check_failure_threshold = 1;
     })
     .await?;
+    // Registration probes the worker once (/health, then /get_model_info); let that finish,
+    // so that the request below is what finds it gone.
+    eventually(2.0, async || Ok(a.probes() >= 2)).await?;
     a.kill();
     let (status, _) = r.post("/generate", &json!({"text": "x"})).await?;
     assert_eq!(status, 502, "the only worker is gone");
