@@ -17,24 +17,34 @@ const URL_REQUIRED: &str = "worker_url is required (use query ?url=... or JSON b
 
 /// The worker url from `?url=`/`?worker_url=`, else a JSON body `{"url"}`/`{"worker_url"}`.
 pub async fn url_from_request(req: Request<Incoming>) -> Result<String, RouterError> {
+    string_field(req, &["url", "worker_url"])
+        .await?
+        .ok_or_else(|| RouterError::BadRequest(URL_REQUIRED.to_owned()))
+}
+
+/// The first non-empty string under one of `names`: in the query, else in a JSON body (in
+/// the order of `names`).
+pub async fn string_field(
+    req: Request<Incoming>,
+    names: &[&str],
+) -> Result<Option<String>, RouterError> {
     if let Some(query) = req.uri().query() {
         let found = form_urlencoded::parse(query.as_bytes())
-            .find(|(k, v)| (k == "url" || k == "worker_url") && !v.is_empty())
+            .find(|(k, v)| names.contains(&k.as_ref()) && !v.is_empty())
             .map(|(_, v)| v.into_owned());
-        if let Some(url) = found {
-            return Ok(url);
+        if found.is_some() {
+            return Ok(found);
         }
     }
     let body = json_body(req).await?;
-    ["url", "worker_url"]
+    Ok(names
         .iter()
         .find_map(|k| {
             body.get(*k)
                 .and_then(Value::as_str)
                 .filter(|v| !v.is_empty())
         })
-        .map(str::to_owned)
-        .ok_or_else(|| RouterError::BadRequest(URL_REQUIRED.to_owned()))
+        .map(str::to_owned))
 }
 
 /// A JSON object body; an empty body is an empty object.

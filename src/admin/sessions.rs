@@ -4,9 +4,9 @@
 
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::input::json_body;
+use super::input::string_field;
 use crate::app::App;
 use crate::body::RouterBody;
 use crate::error::{RouterError, json_response};
@@ -18,30 +18,9 @@ pub async fn finish(
     app: &App,
     req: Request<Incoming>,
 ) -> Result<Response<RouterBody>, RouterError> {
-    let from_query = req.uri().query().and_then(|query| {
-        form_urlencoded::parse(query.as_bytes())
-            .find(|(k, v)| KEY_FIELDS.contains(&k.as_ref()) && !v.is_empty())
-            .map(|(_, v)| v.into_owned())
-    });
-    let key = match from_query {
-        Some(key) => key,
-        None => {
-            let body = json_body(req).await?;
-            KEY_FIELDS
-                .iter()
-                .find_map(|k| {
-                    body.get(*k)
-                        .and_then(Value::as_str)
-                        .filter(|v| !v.is_empty())
-                })
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    RouterError::BadRequest(
-                        "a session key is required: {\"key\": \"...\"}".to_owned(),
-                    )
-                })?
-        }
-    };
+    let key = string_field(req, KEY_FIELDS).await?.ok_or_else(|| {
+        RouterError::BadRequest("a session key is required: {\"key\": \"...\"}".to_owned())
+    })?;
     let finished = app.pool().sessions().is_some_and(|s| s.finish(&key));
     Ok(json_response(
         StatusCode::OK,
