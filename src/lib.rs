@@ -16,6 +16,7 @@ mod admin;
 mod app;
 mod background;
 mod body;
+pub mod chat_template;
 pub mod config;
 mod control;
 mod dispatch;

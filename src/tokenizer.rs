@@ -6,12 +6,16 @@ use std::path::Path;
 use anyhow::{Context as _, anyhow};
 use tokenizers::DecoderWrapper;
 
+use crate::chat_template::ChatTemplate;
+
 /// A tokenizer.json loaded with padding and truncation off.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Byte length of each id's text for byte-level decoders, where a token's bytes are a
     /// pure function of its id; `None` means lengths come from incremental decoding.
     byte_lengths: Option<ByteLengths>,
+    /// The model directory's chat template, for the chat middleware.
+    chat_template: Option<ChatTemplate>,
 }
 
 struct ByteLengths {
@@ -20,12 +24,13 @@ struct ByteLengths {
 }
 
 impl Tokenizer {
-    /// Loads `path`: a model directory holding tokenizer.json, or the file itself.
+    /// Loads `path`: a model directory holding tokenizer.json (and maybe a chat template, see
+    /// [`ChatTemplate::load`]), or the file itself.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let file = if path.is_dir() {
-            path.join("tokenizer.json")
+        let (file, chat_template) = if path.is_dir() {
+            (path.join("tokenizer.json"), ChatTemplate::load(path)?)
         } else {
-            path.to_path_buf()
+            (path.to_path_buf(), None)
         };
         let mut inner = tokenizers::Tokenizer::from_file(&file)
             .map_err(|e| anyhow!("{e}"))
@@ -39,11 +44,22 @@ impl Tokenizer {
             .with_context(|| format!("cannot disable truncation in {}", file.display()))?;
         let byte_lengths = matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)))
             .then(|| ByteLengths::new(&inner));
-        tracing::info!(file = %file.display(), vocab = inner.get_vocab_size(true), "tokenizer loaded");
+        tracing::info!(
+            file = %file.display(),
+            vocab = inner.get_vocab_size(true),
+            chat_template = chat_template.is_some(),
+            "tokenizer loaded"
+        );
         Ok(Self {
             inner,
             byte_lengths,
+            chat_template,
         })
+    }
+
+    /// The chat template beside tokenizer.json, if the checkpoint has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// Ids of `text` without special tokens added (special-token text still maps to its id).

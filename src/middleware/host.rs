@@ -315,6 +315,9 @@ impl workers::Host for HostState {
 const NO_TOKENIZER: &str =
     "no tokenizer configured: start the router with --hf-checkpoint <model dir>";
 
+const NO_CHAT_TEMPLATE: &str = "the --hf-checkpoint has no chat template: it must be a model \
+     directory with chat_template.jinja, or tokenizer_config.json with a `chat_template`";
+
 impl HostState {
     fn with_tokenizer<R>(
         &mut self,
@@ -342,6 +345,17 @@ impl tokenizer::Host for HostState {
 
     fn token_lengths(&mut self, ids: Vec<u32>, skip_special: bool) -> Result<Vec<u32>, String> {
         self.with_tokenizer(|t| t.token_lengths(&ids, skip_special))
+    }
+
+    fn chat_template(&mut self) -> Result<tokenizer::Template, String> {
+        self.with_tokenizer(|t| match t.chat_template() {
+            Some(template) => Ok(tokenizer::Template {
+                source: template.source.clone(),
+                bos_token: template.bos_token.clone(),
+                eos_token: template.eos_token.clone(),
+            }),
+            None => Err(NO_CHAT_TEMPLATE.to_owned()),
+        })
     }
 }
 
