@@ -42,6 +42,10 @@ pub struct Exchange {
     pub out: Outbound,
     /// Per-middleware bytes kept between hooks (`request-patch.stash`), by load index.
     stashes: Vec<Option<Vec<u8>>>,
+    /// By load index, whether the middleware's `paths` selected the request as it reached
+    /// that middleware. An earlier one may rewrite the path (chat completions to `/generate`),
+    /// and the response goes back through everyone the request went through.
+    selected: Vec<bool>,
 }
 
 impl Exchange {
@@ -64,6 +68,7 @@ impl Exchange {
             id,
             out,
             stashes: Vec::new(),
+            selected: Vec::new(),
         }
     }
 
@@ -198,8 +203,9 @@ impl Pipeline {
         ex: &mut Exchange,
     ) -> Result<Option<Response<RouterBody>>, RouterError> {
         for (index, guest) in self.guests.iter().enumerate() {
-            let hooks = Hooks::REQUEST | Hooks::REQUEST_BODY;
-            if !guest.wants_any(hooks) || !guest.applies_to(ex.out.path.path()) {
+            let applies = guest.applies_to(ex.out.path.path());
+            ex.selected.push(applies);
+            if !applies || !guest.wants_any(Hooks::REQUEST | Hooks::REQUEST_BODY) {
                 continue;
             }
             let headers = wit_headers(&ex.out.headers);
@@ -272,18 +278,20 @@ impl Pipeline {
             })
     }
 
-    fn response_guests(&self, path: &str) -> impl Iterator<Item = (usize, &Arc<Guest>)> {
+    /// The middleware with response hooks that the request went through, in reverse order.
+    fn response_guests<'a>(
+        &'a self,
+        selected: &'a [bool],
+    ) -> impl Iterator<Item = (usize, &'a Arc<Guest>)> {
         let any = Hooks::RESPONSE | Hooks::RESPONSE_BODY | Hooks::RESPONSE_CHUNKS;
-        self.guests
-            .iter()
-            .enumerate()
-            .rev()
-            .filter(move |(_, g)| g.manifest.hooks.intersects(any) && g.applies_to(path))
+        self.guests.iter().enumerate().rev().filter(move |(i, g)| {
+            g.manifest.hooks.intersects(any) && selected.get(*i) == Some(&true)
+        })
     }
 
     /// Whether any middleware has a response hook for this request.
     pub fn wants_response(&self, ex: &Exchange) -> bool {
-        self.response_guests(ex.out.path.path()).next().is_some()
+        self.response_guests(&ex.selected).next().is_some()
     }
 
     /// Runs the response hooks (reverse load order) and builds the client's response.
@@ -295,11 +303,11 @@ impl Pipeline {
     ) -> Result<Response<RouterBody>, RouterError> {
         let (mut parts, incoming) = answer.response.into_parts();
         let worker = answer.lease.slot.worker().url().to_owned();
-        let path = ex.out.path.path().to_owned();
+        let selected = std::mem::take(&mut ex.selected);
         let streaming = is_event_stream(&parts.headers);
         let wants_body = !streaming
             && self
-                .response_guests(&path)
+                .response_guests(&selected)
                 .any(|(_, g)| g.wants(Hooks::RESPONSE_BODY));
         let (mut body, mut upstream) = (None, Some((incoming, answer.lease)));
         if wants_body && let Some((incoming, lease)) = upstream.take() {
@@ -313,7 +321,7 @@ impl Pipeline {
             streaming,
         };
         let mut chunk_hooks = Vec::new();
-        for (index, guest) in self.response_guests(&path) {
+        for (index, guest) in self.response_guests(&selected) {
             let mut stash = stashes.get_mut(index).and_then(Option::take);
             if guest.wants_any(Hooks::RESPONSE | Hooks::RESPONSE_BODY) {
                 let result = response_hook(guest, &view, &mut parts, &mut body, &mut stash).await;
