@@ -107,6 +107,10 @@ struct Responses {
     /// Requests with image, video or audio data, passed through untouched (see
     /// [`Prompt::Media`]); their responses are not counted above.
     multimodal: u64,
+    /// Prompts that went on past a cached model output without following it: the text
+    /// re-rendered what the model produced differently (a template that drops earlier
+    /// `<think>` blocks), so the rest was tokenised anew as prompt.
+    drift: u64,
 }
 
 /// The trajectory cache middleware.
@@ -213,6 +217,10 @@ impl Cache {
         // Not the longest cached prefix but the longest ending at a segment end, so that the
         // text is only cut where it was cut before (see the module docs).
         let (found, tail) = self.tree.lookup_segment_utf8(text)?;
+        if !tail.is_empty() && self.tree.output_follows(&found.at) {
+            self.responses.drift += 1;
+            host.debug("radix-tree: prompt diverged from a cached output (drift); rest tokenised as prompt");
+        }
         let mut input_ids = Vec::with_capacity(found.tokens + tail.len() / 3 + 1);
         if !self.tree.extend_ids(&found.at, &mut input_ids) {
             return Some(RequestOutcome::Pass);
@@ -300,12 +308,7 @@ impl Cache {
         let special = match self.specials.get(&last) {
             Some(known) => known.clone(),
             None => {
-                let skipped = host.token_lengths(&[last], true).is_ok_and(|l| l == [0]);
-                let text = if skipped {
-                    host.decode(&[last], false).ok().filter(|t| !t.is_empty())
-                } else {
-                    None
-                };
+                let text = silent_text(last, host);
                 // Bounded: the last ids of prefixes are mostly a few EOS tokens.
                 if self.specials.len() >= 1024 {
                     self.specials.clear();
@@ -315,13 +318,7 @@ impl Cache {
             }
         };
         match special {
-            Some(s)
-                if tail.len() > s.len()
-                    && tail.starts_with(&*s)
-                    && !matched.ends_with(s.as_bytes()) =>
-            {
-                s.len()
-            }
+            Some(s) if tail.len() > s.len() => covered(&s, matched, tail),
             _ => 0,
         }
     }
@@ -542,7 +539,14 @@ impl Cache {
             return JsonReply::error(400, "radix-tree: `text` is empty");
         }
         let found = self.tree.lookup_read_only(&text);
-        let rest = &text[found.len..];
+        let mut tokens = Vec::with_capacity(found.tokens + (text.len() - found.len) / 3 + 1);
+        self.tree.extend_ids(&found.at, &mut tokens);
+        // A rendered conversation writes each output's EOS out; its token is cached already.
+        let eos = tokens.last().and_then(|&id| silent_text(id, host));
+        let skip = eos.map_or(0, |s| {
+            covered(&s, &text.as_bytes()[..found.len], &text[found.len..])
+        });
+        let rest = &text[found.len + skip..];
         let rest_ids = if rest.is_empty() {
             Vec::new()
         } else {
@@ -561,14 +565,9 @@ impl Cache {
             }
         };
         let n = found.tokens + rest_ids.len();
-        let (mut tokens, mut loss_mask, mut logp) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut loss_mask, mut logp) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for segment in self.tree.path_tokens(&found.at).unwrap_or_default() {
             for t in segment {
-                tokens.push(t.id());
                 loss_mask.push(t.loss_mask());
                 logp.push(t.logprob());
             }
@@ -609,6 +608,7 @@ impl Cache {
             responses_cached: u64,
             responses_skipped: u64,
             multimodal_skipped: u64,
+            drift: u64,
         }
         let s = self.tree.stats();
         let config = self.tree.config();
@@ -632,6 +632,7 @@ impl Cache {
             responses_cached: self.responses.cached,
             responses_skipped: self.responses.skipped,
             multimodal_skipped: self.responses.multimodal,
+            drift: self.responses.drift,
         })
     }
 
@@ -659,6 +660,7 @@ impl Cache {
             ("radix_responses_cached", r.cached, pr.cached),
             ("radix_responses_skipped", r.skipped, pr.skipped),
             ("radix_multimodal_skipped", r.multimodal, pr.multimodal),
+            ("radix_drift", r.drift, pr.drift),
         ];
         for (name, now, before) in counters {
             if now > before {
@@ -677,6 +679,25 @@ impl Cache {
             }
         }
         self.published = Some((s, r, memory));
+    }
+}
+
+/// The text of token `id` when it decodes to nothing with special tokens skipped (an EOS).
+fn silent_text(id: u32, host: &impl Host) -> Option<String> {
+    let skipped = host.token_lengths(&[id], true).is_ok_and(|l| l == [0]);
+    if !skipped {
+        return None;
+    }
+    host.decode(&[id], false).ok().filter(|t| !t.is_empty())
+}
+
+/// Bytes at the start of `tail` that `special`, the text of the token ending `matched`
+/// (which the cached text leaves out), stands for.
+fn covered(special: &str, matched: &[u8], tail: &str) -> usize {
+    if tail.starts_with(special) && !matched.ends_with(special.as_bytes()) {
+        special.len()
+    } else {
+        0
     }
 }
 

@@ -749,6 +749,21 @@ impl RadixTree {
         found
     }
 
+    /// Whether a cached model output (a token with loss mask 1) starts right after `at`, a node
+    /// end: a text that goes on past `at` but did not follow it diverged from what the model
+    /// produced there.
+    pub fn output_follows(&self, at: &Location) -> bool {
+        let Some((node, piece, _)) = self.resolve(at) else {
+            return false;
+        };
+        let node = &self.nodes[node];
+        piece == node.piece_ends.len()
+            && node.children.iter().any(|c| {
+                let child = &self.nodes[c.node as usize];
+                child.tokens.first().is_some_and(|t| t.loss_mask() == 1)
+            })
+    }
+
     /// Like [`RadixTree::lookup`] but changes nothing, not even access times or counters.
     pub fn lookup_read_only(&self, text: &str) -> Match {
         self.find(text.as_bytes(), false)
