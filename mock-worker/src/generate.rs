@@ -27,6 +27,8 @@ struct Generation {
     routed_experts: Option<String>,
     /// The bootstrap fields a decode leg got, echoed in `meta_info`.
     bootstrap: Option<Value>,
+    /// The last output id is this EOS: the generation stops there, not at its length.
+    eos: Option<u32>,
 }
 
 /// How a generation ended, for `finish_reason`.
@@ -44,6 +46,9 @@ impl Generation {
         let ids = &self.ids[from..to];
         let finish = match end {
             End::Running => Value::Null,
+            End::Length if to == self.ids.len() && self.eos.is_some() => {
+                json!({"type": "stop", "matched": self.eos})
+            }
             End::Length => json!({"type": "length", "length": to}),
             End::Abort => json!({"type": "abort", "message": "Aborted"}),
         };
@@ -243,8 +248,14 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
         .pointer("/sampling_params/max_new_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(16) as usize;
+    let mut eos = None;
     let ids = match lock(&state.scripted).take() {
         Some(ids) => ids,
+        None if config.chat => {
+            let (ids, stopped) = chat_reply(config, &prompt, max_new)?;
+            eos = stopped;
+            ids
+        }
         None => {
             let start = prompt.iter().fold(prompt.len(), |h, &id| {
                 h.wrapping_mul(31).wrapping_add(id as usize)
@@ -275,7 +286,26 @@ fn plan(config: &MockConfig, state: &State, request: &Value) -> Result<Generatio
         weight_version,
         routed_experts,
         bootstrap: None,
+        eos,
     })
+}
+
+/// A `--chat` reply's ids, cut at `max_new`, and its EOS when it fit.
+fn chat_reply(
+    config: &MockConfig,
+    prompt: &[u32],
+    max_new: usize,
+) -> Result<(Vec<u32>, Option<u32>), String> {
+    let Some(tokenizer) = &config.tokenizer else {
+        return Err("--chat needs --tokenizer".to_owned());
+    };
+    let text = tokenizer.decode(prompt, false)?;
+    let mut ids = tokenizer.encode(&crate::chat::reply(&text))?;
+    let eos = tokenizer.encode("<|im_end|>")?;
+    ids.extend_from_slice(&eos);
+    let fits = ids.len() <= max_new;
+    ids.truncate(max_new);
+    Ok((ids, eos.last().copied().filter(|_| fits)))
 }
 
 /// The bootstrap fields a prefill or decode mock needs (decode echoes them); `None` for a

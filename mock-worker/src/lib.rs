@@ -18,6 +18,7 @@
 //! it), for demos of the router's health checks.
 
 mod body;
+mod chat;
 mod control;
 mod generate;
 mod kv;

@@ -43,6 +43,10 @@ struct Args {
     /// --incremental-streaming-output.
     #[arg(long)]
     incremental_streaming: bool,
+    /// Reply to the conversation in a ChatML prompt, ending with <|im_end|> (needs
+    /// --tokenizer): for /v1/chat/completions through the chat-completions middleware.
+    #[arg(long)]
+    chat: bool,
     /// Simulate a prefix KV cache of this many tokens and a batching scheduler, in
     /// simulated time (the --prefill-us-per-token, --decode-ms-per-step, --max-running and
     /// --max-prefill-tokens knobs apply); 0 is off.
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         record: false,
         routed_experts_bytes: args.routed_experts_bytes,
         incremental: args.incremental_streaming,
+        chat: args.chat,
         kv: (args.kv_capacity_tokens > 0).then(|| KvModel {
             capacity_tokens: args.kv_capacity_tokens,
             prefill_per_token: Duration::from_secs_f64(args.prefill_us_per_token / 1e6),

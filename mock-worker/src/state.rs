@@ -48,6 +48,9 @@ pub struct MockConfig {
     /// Bytes of base64-like `meta_info.routed_experts` per answer (MoE routing replay makes
     /// SGLang answers megabytes long); 0 leaves the field out.
     pub routed_experts_bytes: usize,
+    /// Reply to the conversation in a ChatML prompt and end with its EOS (`<|im_end|>`),
+    /// finishing with `stop`, instead of continuing the prompt (needs the tokenizer).
+    pub chat: bool,
 }
 
 /// One request as the mock received it.
