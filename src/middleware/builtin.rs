@@ -20,6 +20,10 @@ const BUILTIN: &[(&str, &[u8])] = &[
         "api_key_auth",
         include_bytes!(env!("SLIME_ROUTER_GUEST_API_KEY_AUTH")),
     ),
+    (
+        "chat_completions",
+        include_bytes!(env!("SLIME_ROUTER_GUEST_CHAT_COMPLETIONS")),
+    ),
     ("noop", include_bytes!(env!("SLIME_ROUTER_GUEST_NOOP"))),
     (
         "radix_tree",

@@ -66,7 +66,9 @@ async fn unknown_name_fails_startup_listing_the_builtins() -> Result<()> {
     let message = format!("{error:#}");
     assert!(message.contains("middleware radix"), "{message}");
     assert!(
-        message.contains("affinity_router, api_key_auth, noop, radix_tree, request_id"),
+        message.contains(
+            "affinity_router, api_key_auth, chat_completions, noop, radix_tree, request_id"
+        ),
         "{message}"
     );
     Ok(())

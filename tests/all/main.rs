@@ -3,6 +3,7 @@
 
 mod admin;
 mod builtin;
+mod chat;
 mod common;
 mod control;
 mod examples;
