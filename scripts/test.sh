@@ -13,6 +13,6 @@ scripts/build-wheel.sh
 VENV=$PWD/target/python/test
 rm -rf "$VENV"
 python3 -m venv "$VENV"
-"$VENV/bin/pip" install --quiet --disable-pip-version-check pytest dist/slime_router-*.whl
+"$VENV/bin/pip" install --quiet --disable-pip-version-check pytest openai dist/slime_router-*.whl
 # From tests/python, so `slime_router` comes from the venv, never from python/ in the tree.
 (cd tests/python && "$VENV/bin/python" -m pytest -q)

@@ -76,7 +76,14 @@ def test_the_wheel_puts_both_executables_in_this_environment() -> None:
     listed = subprocess.run(
         [binary_path(), "--list-middleware"], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert listed == ["affinity_router", "api_key_auth", "noop", "radix_tree", "request_id"]
+    assert listed == [
+        "affinity_router",
+        "api_key_auth",
+        "chat_completions",
+        "noop",
+        "radix_tree",
+        "request_id",
+    ]
 
 
 def test_slime_namespace_maps_to_router_flags() -> None:
