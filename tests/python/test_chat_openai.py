@@ -5,13 +5,13 @@ middleware, driven by the official ``openai`` client, against ``mock-worker --ch
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import urllib.request
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Iterator
 
-import httpx
 import openai
 import pytest
 
@@ -58,9 +58,9 @@ def router() -> Iterator[SlimeRouter]:
 
 
 def client(router: SlimeRouter) -> openai.OpenAI:
-    # trust_env=False: a proxy from the environment must not see loopback traffic.
-    http = httpx.Client(trust_env=False)
-    return openai.OpenAI(base_url=router.url + "/v1", api_key="unused", http_client=http)
+    # A proxy from the environment must not see loopback traffic (the client honours NO_PROXY).
+    os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+    return openai.OpenAI(base_url=router.url + "/v1", api_key="unused")
 
 
 def test_a_two_turn_conversation_and_its_export(router: SlimeRouter) -> None:
