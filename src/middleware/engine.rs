@@ -7,14 +7,43 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::Thread;
 use std::time::Duration;
 
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::error::Context as _;
 use wasmtime::{Config, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use wasmtime_wasi::p2::DynPollable;
 
 use super::bindings::{Middleware, MiddlewarePre};
 use super::host::HostState;
 
 const WASM_PAGE: usize = 64 * 1024;
+
+/// WASI's monotonic clock, as wasmtime-wasi 48 links it (guests importing any 0.2.x get it).
+const MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+
+const SLEEP_REFUSED: &str = "middleware may not sleep: waiting on the clock \
+    (monotonic-clock.subscribe-*) would hold the call, and a stateful middleware's lock, past \
+    its CPU deadline";
+
+/// Replaces the clock's `subscribe-duration` and `subscribe-instant` with functions that trap.
+///
+/// They are the only way a guest can block (its streams never wait and it has no sockets or
+/// files), and a suspended call spends no CPU time, so the deadline, which counts CPU time
+/// to spare descheduled calls, would never fire. Reading the clock still works.
+fn refuse_sleeping(linker: &mut Linker<HostState>) -> anyhow::Result<()> {
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance(MONOTONIC_CLOCK)?;
+    for name in ["subscribe-duration", "subscribe-instant"] {
+        clock.func_wrap(
+            name,
+            |_, (_,): (u64,)| -> wasmtime::Result<(Resource<DynPollable>,)> {
+                Err(wasmtime::format_err!(SLEEP_REFUSED))
+            },
+        )?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
 
 /// Ticks with no guest call running before the ticker sleeps until the next call.
 const IDLE_TICKS: u32 = 100;
@@ -48,6 +77,7 @@ impl Engine {
         let engine = wasmtime::Engine::new(&config).context("cannot create the wasm engine")?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        refuse_sleeping(&mut linker)?;
         Middleware::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         let epochs = Epochs::start(engine.clone(), tick_for(deadline));
         Ok(Self {

@@ -383,3 +383,28 @@ async fn the_deadline_stops_long_guest_work_only() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_guest_that_sleeps_fails_its_call_instead_of_escaping_the_deadline() -> Result<()> {
+    // Sleeping suspends the call without spending CPU time, which is what the deadline
+    // counts: blocking on the clock must fail at once, not hold the call (and a stateful
+    // guest's lock) for the whole sleep.
+    let a = mock().await?;
+    let r = router_mw(&[mw(HOSTILE, "mode=sleep&ms=30000&at=request")], &[&a]).await?;
+    let body = json!({"text": "x"});
+    let request = r.post("/generate", &body);
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), request)
+        .await
+        .map_err(|_| anyhow::anyhow!("the sleeping guest held the request"))??;
+    assert_eq!(status, 500);
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("hostile") && error.contains("may not sleep"),
+        "{body}"
+    );
+    assert_eq!(a.requests(), 0);
+    // The rebuilt instance fails the same way; the router is not stuck behind it.
+    let (status, _) = r.post("/generate", &json!({"text": "x"})).await?;
+    assert_eq!(status, 500);
+    Ok(())
+}

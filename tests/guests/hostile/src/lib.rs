@@ -1,9 +1,10 @@
 //! `hostile`: a test guest that misbehaves on purpose, so that tests can check the host's
 //! deadlines, memory cap, trap handling and sandbox.
 //!
-//! Config: `mode=loop|membomb|trap|sandbox|init-error|slow` (required),
+//! Config: `mode=loop|membomb|trap|sandbox|init-error|slow|sleep` (required),
 //! `at=request|response|chunk|handle|init` (default `request`), `fail=open|closed` (default
-//! closed), `ms=<n>` (for `slow`, default 100), `name=<s>` (default `hostile`).
+//! closed), `ms=<n>` (for `slow`, which spins, and `sleep`, which blocks on the WASI clock;
+//! default 100), `name=<s>` (default `hostile`).
 //!
 //! Only the hook named by `at` misbehaves; every other hook is a no-op. With `at=handle` or
 //! `mode=sandbox` it serves `GET /hostile/sandbox`.
@@ -37,6 +38,7 @@ enum Mode {
     Sandbox,
     InitError,
     Slow,
+    Sleep,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -82,6 +84,7 @@ fn parse(config: &str) -> Result<Config, String> {
                     "sandbox" => Mode::Sandbox,
                     "init-error" => Mode::InitError,
                     "slow" => Mode::Slow,
+                    "sleep" => Mode::Sleep,
                     _ => return Err(bad()),
                 });
             }
@@ -107,7 +110,8 @@ fn parse(config: &str) -> Result<Config, String> {
             _ => return Err(format!("hostile: unknown config key `{key}`")),
         }
     }
-    c.mode = mode.ok_or("hostile: mode=loop|membomb|trap|sandbox|init-error|slow is required")?;
+    c.mode =
+        mode.ok_or("hostile: mode=loop|membomb|trap|sandbox|init-error|slow|sleep is required")?;
     Ok(c)
 }
 
@@ -123,6 +127,11 @@ fn misbehave(here: At) -> Option<serde_json::Value> {
         Mode::Trap => panic!("hostile: trap on purpose"),
         Mode::Slow => {
             slow(c.ms);
+            None
+        }
+        Mode::Sleep => {
+            // Suspends on `monotonic-clock.subscribe-duration`, using no CPU time.
+            std::thread::sleep(std::time::Duration::from_millis(c.ms));
             None
         }
         Mode::Sandbox => Some(sandbox()),
