@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -59,6 +59,8 @@ pub enum Failure {
     Local(String),
     /// The request may have reached the worker, which then failed without answering.
     Unanswered(String),
+    /// The worker answered with something no client may be given (an unasked `101`).
+    Invalid(String),
     Timeout,
 }
 
@@ -73,7 +75,9 @@ impl Failure {
             },
             Self::Connect(reason) => RouterError::Connect { url, reason },
             Self::Local(reason) => RouterError::Exhausted { url, reason },
-            Self::Unanswered(reason) => RouterError::Upstream { url, reason },
+            Self::Unanswered(reason) | Self::Invalid(reason) => {
+                RouterError::Upstream { url, reason }
+            }
         }
     }
 }
@@ -220,7 +224,7 @@ impl Proxy {
                 );
                 return Err(failure.into_error(worker.url(), self.timeout));
             }
-            let timed_out = matches!(failure, Failure::Timeout);
+            let timed_out = matches!(failure, Failure::Timeout | Failure::Invalid(_));
             sent_attempts += usize::from(matches!(failure, Failure::Unanswered(_)));
             last_error = failure.into_error(worker.url(), self.timeout);
             if timed_out {
@@ -256,6 +260,12 @@ impl Proxy {
                 .map_err(|_| Failure::Timeout)??,
             None => call.await?,
         };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Failure::Invalid(
+                "answered 101 Switching Protocols, which no request asked for".into(),
+            ));
+        }
+        framed_once(response.headers_mut());
         strip_hop_by_hop(response.headers_mut());
         Ok((response, conn))
     }
@@ -286,6 +296,14 @@ impl Proxy {
             Ok(response) => Ok((response, conn)),
             Err(e) => Err(Failure::Unanswered(error_chain(&e))),
         }
+    }
+}
+
+/// A worker answer framed both ways: chunked wins and the length goes (RFC 9112 §6.3), as
+/// hyper read it; relayed, the stale length would cut the client's body short.
+fn framed_once(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 
