@@ -38,7 +38,9 @@ async fn read(headers: &HeaderMap, mut body: Incoming, limit: usize) -> Result<B
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > limit) {
-        if declared.is_some_and(|len| len - limit <= DRAIN_LIMIT) {
+        // A client that waits for `100 Continue` sends no body: reading would make hyper
+        // invite it, to upload what is refused anyway.
+        if declared.is_some_and(|len| len - limit <= DRAIN_LIMIT) && !expects_continue(headers) {
             drain(&mut body, limit.saturating_add(DRAIN_LIMIT)).await;
         }
         return Err(RouterError::BodyTooLarge { limit });
@@ -65,6 +67,12 @@ async fn read(headers: &HeaderMap, mut body: Incoming, limit: usize) -> Result<B
         1 => chunks.swap_remove(0),
         _ => Bytes::from(chunks.concat()),
     })
+}
+
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// Reads and discards up to `budget` more bytes.
