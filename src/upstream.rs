@@ -2,6 +2,7 @@
 //! only once its response has been read to the end, so a checked-out connection is always
 //! ready; a body abandoned half-way takes its connection with it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,13 @@ use crate::worker::Worker;
 /// closed is lost.
 const MAX_IDLE: Duration = Duration::from_secs(4);
 
+/// Idle connections kept per worker on one serving thread; a burst's extra ones close as
+/// they come back.
+const MAX_IDLE_PER_WORKER: usize = 32;
+
+/// How often idle connections past [`MAX_IDLE`] are closed when no traffic comes to do it.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 pub type Sender = SendRequest<Full<Bytes>>;
 
 /// One serving thread's idle connections, by worker id.
@@ -26,6 +34,8 @@ pub struct Connections {
     /// `--connect-timeout-secs`: a host that drops SYNs (powered off) fails this fast, apart
     /// from the response timeout, so its requests move to a live worker.
     connect_timeout: Duration,
+    /// The sweeper starts with the first connection returned, inside the serving runtime.
+    sweeping: AtomicBool,
 }
 
 /// Why no connection to a worker could be made.
@@ -66,11 +76,17 @@ impl Conn {
         if self.sender.is_closed() {
             return;
         }
+        self.home.start_sweeping();
         let mut idle = self.home.lock();
         if idle.len() <= self.worker {
             idle.resize_with(self.worker + 1, Vec::new);
         }
-        idle[self.worker].push((Instant::now(), self.sender));
+        let list = &mut idle[self.worker];
+        if list.len() >= MAX_IDLE_PER_WORKER {
+            // The oldest is the likeliest to be closed by the worker soon.
+            list.remove(0);
+        }
+        list.push((Instant::now(), self.sender));
     }
 }
 
@@ -80,7 +96,32 @@ impl Connections {
         Self {
             idle: Mutex::default(),
             connect_timeout,
+            sweeping: AtomicBool::new(false),
         }
+    }
+
+    /// Starts closing expired idle connections every [`SWEEP_EVERY`], until `self` is dropped:
+    /// after a burst nothing else would, and each one holds a file descriptor here and a
+    /// connection on the worker.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let home = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(SWEEP_EVERY).await;
+                let Some(home) = home.upgrade() else {
+                    return;
+                };
+                for list in home.lock().iter_mut() {
+                    list.retain(|(since, s)| since.elapsed() < MAX_IDLE && !s.is_closed());
+                }
+            }
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<(Instant, Sender)>>> {
