@@ -158,7 +158,11 @@ impl<H: std::future::Future<Output = ()> + Send + 'static> Thread<H> {
 async fn accept_loop(listener: TcpListener, local: Arc<Local>, mut stopped: watch::Receiver<Stop>) {
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new()).keep_alive(true);
+    // half_close: a client that shuts its sending side after the request still reads the
+    // answer (without it, hyper treats the early EOF as the connection's end).
+    http.timer(TokioTimer::new())
+        .keep_alive(true)
+        .half_close(true);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -8,6 +8,7 @@ mod common;
 mod control;
 mod examples;
 mod faults;
+mod framing;
 mod guests;
 mod health;
 mod middleware;
