@@ -91,6 +91,7 @@ pub struct Metrics {
     middleware_failures: Family<MiddlewareLabel, Counter>,
     hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram>,
     tokenizer_seconds: Family<MiddlewareName, Counter<f64, AtomicU64>>,
+    state_lost: Family<MiddlewareName, Counter>,
     guest_counters: Family<GuestMetricLabel, Counter>,
     guest_gauges: Family<GuestMetricLabel, Gauge>,
     engine_metrics_failures: Family<WorkerLabel, Counter>,
@@ -118,6 +119,7 @@ impl Metrics {
         let tokenizer_seconds = Family::<MiddlewareName, Counter<f64, AtomicU64>>::default();
         let hook_seconds: Family<HookLabel, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(1e-6, 2.0, 24)));
+        let state_lost = Family::<MiddlewareName, Counter>::default();
         let guest_counters = Family::<GuestMetricLabel, Counter>::default();
         let guest_gauges = Family::<GuestMetricLabel, Gauge>::default();
         let engine_metrics_failures = Family::<WorkerLabel, Counter>::default();
@@ -181,6 +183,11 @@ impl Metrics {
             tokenizer_seconds.clone(),
         );
         registry.register(
+            "middleware_state_lost",
+            "Stateful middleware instances discarded after a failure, their state (a radix cache) with them",
+            state_lost.clone(),
+        );
+        registry.register(
             "middleware_counter",
             "Counters kept by middleware (host counter-add)",
             guest_counters.clone(),
@@ -203,6 +210,7 @@ impl Metrics {
             middleware_failures,
             hook_seconds,
             tokenizer_seconds,
+            state_lost,
             guest_counters,
             guest_gauges,
             engine_metrics_failures,
@@ -288,6 +296,14 @@ impl Metrics {
             middleware: middleware.to_owned(),
         };
         self.tokenizer_seconds.get_or_create(&label).clone()
+    }
+
+    /// The counter of times a stateful middleware lost its state (fetched once, at load).
+    pub fn state_lost(&self, middleware: &str) -> Counter {
+        let label = MiddlewareName {
+            middleware: middleware.to_owned(),
+        };
+        self.state_lost.get_or_create(&label).clone()
     }
 
     /// A middleware's own counter (host `counter-add`), fetched once per instance and name.

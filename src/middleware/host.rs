@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -30,6 +30,8 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub timers: HookTimers,
+    /// Instances of a stateful middleware discarded after a failure (`host.discarded`).
+    pub discarded: AtomicU64,
 }
 
 /// The guest calls the router makes per request.
@@ -244,6 +246,10 @@ fn thread_cpu_time() -> Duration {
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
+    fn discarded(&mut self) -> u64 {
+        self.shared.discarded.load(Ordering::Relaxed)
+    }
+
     fn log(&mut self, level: host::Level, message: String) {
         let middleware = self.shared.name.as_str();
         match level {

@@ -170,8 +170,9 @@ impl Guest {
                     None => self.rebuild().await?,
                 };
                 let result = run(&mut slot, &self.factory.epochs, input, f).await;
-                if result.is_ok() {
-                    *held = Some(slot);
+                match result {
+                    Ok(_) => *held = Some(slot),
+                    Err(_) => self.state_lost(),
                 }
                 result
             }
@@ -228,6 +229,22 @@ impl Guest {
             reason = %failure.reason,
             fail_open = self.fails_open(),
             "middleware failed; instance will be rebuilt"
+        );
+    }
+
+    /// A stateful instance failed and goes: whatever it held (a trajectory cache) is lost, so
+    /// say so where operators look, and let the next instance know (`host.discarded`).
+    fn state_lost(&self) {
+        let shared = &self.factory.shared;
+        let lost = shared
+            .discarded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        shared.metrics.state_lost(&shared.name).inc();
+        tracing::warn!(
+            middleware = self.name(),
+            times = lost,
+            "stateful middleware lost its state: the next call starts a fresh instance"
         );
     }
 

@@ -390,6 +390,7 @@ impl Loader<'_> {
                 metrics,
                 pool: self.pool.clone(),
                 tokenizer: self.tokenizer.clone(),
+                discarded: std::sync::atomic::AtomicU64::new(0),
             }),
             memory_cap: self.options.memory_cap,
             deadline: self.options.deadline,

@@ -375,3 +375,57 @@ async fn megabytes_of_routed_experts_never_enter_the_cache() -> Result<()> {
     assert!(!metrics.contains("middleware_failures_total{"), "{metrics}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lost_cache_is_counted_and_shows_in_retrieval() -> Result<()> {
+    // A 32 MiB body cannot be copied into a cache capped at 24 MiB: the call traps, the
+    // request goes on without the cache (fail-open), and the instance, the cache with it, is
+    // discarded. Retrieval must not then pass cached text off as prompt without a word.
+    let tokenizer = Arc::new(Tokenizer::load(&fixture())?);
+    let worker = mock_with(MockConfig {
+        tokenizer: Some(tokenizer),
+        ..MockConfig::default()
+    })
+    .await?;
+    let url = worker.url();
+    let r = router(|c| {
+        c.worker_urls = vec![url];
+        c.slime_router_middleware_paths = vec![RADIX_TREE.into()];
+        c.hf_checkpoint = Some(fixture());
+        c.middleware_memory_mib = 24;
+    })
+    .await?;
+    let prompt = "<|im_start|>user\nTell me about the fox<|im_end|>\n";
+    let (status, answer) = r.post("/generate", &json!({"text": prompt})).await?;
+    assert_eq!(status, 200);
+    let full = format!("{prompt}{}", answer["text"].as_str().unwrap_or_default());
+    let (_, before) = r
+        .post("/retrieve_from_text", &json!({"text": full}))
+        .await?;
+    assert!(
+        before["cached_tokens"].as_u64().is_some_and(|n| n > 0),
+        "{before}"
+    );
+    assert_eq!(before["cache_resets"], 0);
+
+    let huge = format!("{{\"text\": \"{}", "x".repeat(32 << 20));
+    let (status, _) = r.post_raw("/generate", huge).await?;
+    assert_eq!(
+        status, 400,
+        "the worker, not the cache, refused the unfinished JSON"
+    );
+    let metrics = r.client.get(r.url("/metrics")).send().await?.text().await?;
+    let lost = r#"slime_router_middleware_state_lost_total{middleware="radix-tree"}"#;
+    assert_eq!(
+        crate::common::metric(&metrics, lost),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    let (_, after) = r
+        .post("/retrieve_from_text", &json!({"text": full}))
+        .await?;
+    assert_eq!(after["cached_tokens"], 0, "{after}");
+    assert_eq!(after["cache_resets"], 1, "{after}");
+    Ok(())
+}

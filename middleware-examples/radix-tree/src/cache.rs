@@ -127,6 +127,8 @@ pub struct Cache {
     specials: BTreeMap<u32, Option<String>>,
     /// Where a request's `text` is unescaped when it has escapes, kept between requests.
     scratch: Vec<u8>,
+    /// Earlier caches of this router lost to a failure (see [`Cache::with_resets`]).
+    resets: u64,
 }
 
 /// Largest `scratch` kept between requests (a ~200k-token prompt); a larger one is freed.
@@ -149,7 +151,15 @@ impl Cache {
             published: None,
             specials: BTreeMap::new(),
             scratch: Vec::new(),
+            resets: 0,
         }
+    }
+
+    /// This cache replaces `resets` earlier ones that a failure took (the host's
+    /// `discarded`): their trajectories are gone, and retrieval says so in `cache_resets`, so
+    /// that text cached before is not silently read as prompt.
+    pub fn with_resets(self, resets: u64) -> Self {
+        Cache { resets, ..self }
     }
 
     /// The tree, for inspection.
@@ -525,6 +535,9 @@ impl Cache {
             token_length: usize,
             loss_mask_length: usize,
             rollout_logp: &'a [f32],
+            /// Caches lost to a failure before this one: text cached before the last loss
+            /// comes back as prompt (mask 0).
+            cache_resets: u64,
         }
         let Ok(request) = serde_json::from_slice::<Request<'_>>(body) else {
             return JsonReply::error(400, r#"radix-tree: body must be JSON like {"text": "..."}"#);
@@ -583,6 +596,7 @@ impl Cache {
             token_length: tokens.len(),
             loss_mask_length: loss_mask.len(),
             rollout_logp: &logp,
+            cache_resets: self.resets,
         })
     }
 
@@ -609,6 +623,7 @@ impl Cache {
             responses_skipped: u64,
             multimodal_skipped: u64,
             drift: u64,
+            resets: u64,
         }
         let s = self.tree.stats();
         let config = self.tree.config();
@@ -633,6 +648,7 @@ impl Cache {
             responses_skipped: self.responses.skipped,
             multimodal_skipped: self.responses.multimodal,
             drift: self.responses.drift,
+            resets: self.resets,
         })
     }
 

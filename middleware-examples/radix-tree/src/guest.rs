@@ -84,7 +84,14 @@ impl Guest for RadixTreeMiddleware {
         // this one after a trap. Each run starts an empty cache with a new id (the clock
         // only moves forward), so that stashes of requests the old instance rewrote are not
         // read as nodes of the new tree, and resets the gauges the old instance left.
-        let mut cache = Cache::new(config, router_host::now_ns());
+        let resets = router_host::discarded();
+        if resets > 0 {
+            router_host::log(
+                Level::Warn,
+                &format!("radix-tree: a failure took the cache ({resets} so far); starting empty"),
+            );
+        }
+        let mut cache = Cache::new(config, router_host::now_ns()).with_resets(resets);
         cache.publish(&RouterHost);
         CACHE.with(|cell| cell.replace(Some(cache)));
         Ok(Manifest {

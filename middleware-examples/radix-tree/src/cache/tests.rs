@@ -221,10 +221,11 @@ fn multi_turn_rewrites_to_cached_ids() {
     let keys: Vec<&String> = body.as_object().expect("object").keys().collect();
     assert_eq!(
         keys.len(),
-        7,
-        "the keys slime reads and cached_tokens, got {keys:?}"
+        8,
+        "the keys slime reads, cached_tokens and cache_resets, got {keys:?}"
     );
     assert_eq!(body["cached_tokens"], json!(n));
+    assert_eq!(body["cache_resets"], json!(0));
     assert!(host.counter("radix_hits") >= 1 && host.counter("radix_misses") == 1);
     assert!(host.gauges.borrow()["radix_tokens"] > 0);
 }
