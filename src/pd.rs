@@ -27,7 +27,7 @@ use crate::policy::Routing;
 use crate::pool::{NoPick, Pool};
 use crate::proxy::{Answer, Failure, Outbound, Proxy};
 use crate::upstream::Conn;
-use crate::worker::{InFlight, Role, Worker, WorkerType};
+use crate::worker::{InFlight, Role, Tried, Worker, WorkerType};
 
 /// Whether this request is a generation that a prefill/decode pair serves.
 pub fn is_generation(out: &Outbound) -> bool {
@@ -47,7 +47,7 @@ pub async fn send(pool: &Pool, proxy: &Proxy, out: &mut Outbound) -> Result<Answ
         ))
     })?;
     let rooms = batch_len(&object, out.path.path());
-    let mut tried: Vec<Arc<Worker>> = Vec::new();
+    let mut tried = Tried::default();
     let mut unreachable = None;
     let mut version_deadline = None;
     loop {
@@ -90,7 +90,7 @@ pub async fn send(pool: &Pool, proxy: &Proxy, out: &mut Outbound) -> Result<Answ
             Err(Outcome::Retry(worker, error)) => {
                 tracing::warn!(%error, "pair worker unreachable; re-pairing");
                 unreachable = Some(error);
-                tried.push(worker);
+                tried.insert(&worker);
             }
             Err(Outcome::Fail(error)) => return Err(error),
         }

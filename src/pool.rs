@@ -18,7 +18,7 @@ use crate::policy::session::Sessions;
 use crate::policy::version::{VersionGate, VersionPolicy};
 use crate::policy::{Candidates, Policy, RouteHint, Routing};
 use crate::versions::Versions;
-use crate::worker::{InFlight, Role, Worker, WorkerType, WorkerUrl};
+use crate::worker::{InFlight, Role, Tried, Worker, WorkerType, WorkerUrl};
 
 type Workers = Arc<RwLock<Arc<[Arc<Worker>]>>>;
 
@@ -159,7 +159,7 @@ impl Pool {
         &self,
         routing: &Routing<'_>,
         hint: Option<&RouteHint>,
-        tried: &[Arc<Worker>],
+        tried: &Tried,
         role: Role,
     ) -> Result<InFlight, NoPick> {
         let workers = self.snapshot();
@@ -306,7 +306,11 @@ mod tests {
     }
 
     fn pick(pool: &Pool, hint: Option<&RouteHint>, tried: &[Arc<Worker>]) -> Option<InFlight> {
-        pool.pick(&Routing::none(), hint, tried, Role::Regular).ok()
+        let mut set = Tried::default();
+        for worker in tried {
+            set.insert(worker);
+        }
+        pool.pick(&Routing::none(), hint, &set, Role::Regular).ok()
     }
 
     #[test]
@@ -378,7 +382,7 @@ mod tests {
             WorkerType::Regular
         );
         let picked = pool
-            .pick(&Routing::none(), None, &[], Role::Prefill)
+            .pick(&Routing::none(), None, &Tried::default(), Role::Prefill)
             .unwrap();
         assert_eq!(picked.worker().kind(), prefill);
     }

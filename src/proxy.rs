@@ -19,11 +19,7 @@ use crate::policy::{RouteHint, Routing};
 use crate::pool::{NoPick, Pool};
 use crate::rids::{RidGuard, RidList, Rids};
 use crate::upstream::{Conn, ConnectError, Connections};
-use crate::worker::{InFlight, Role, Transition, Worker};
-
-/// Attempts for a request whose worker failed after it was sent (connect failures, where
-/// nothing was sent, may try every live worker).
-const MAX_SENT_ATTEMPTS: usize = 2;
+use crate::worker::{InFlight, Role, Transition, Tried, Worker};
 
 /// How long a request waits for a worker at an allowed weight version when
 /// `--slime-router-timeout` is not set.
@@ -57,8 +53,12 @@ pub enum Failure {
     Connect(String),
     /// The router itself ran out of file descriptors or buffers: not the worker's fault.
     Local(String),
-    /// The request may have reached the worker, which then failed without answering.
+    /// The request may have reached the worker, which then failed without answering. It may
+    /// have run there (a generation, a weight update), so it is never sent again.
     Unanswered(String),
+    /// Sent on a reused idle connection that the worker had closed: no byte of an answer
+    /// came, so it never ran. It may go once more, to another worker.
+    Stale(String),
     /// The worker answered with something no client may be given (an unasked `101`).
     Invalid(String),
     Timeout,
@@ -75,7 +75,7 @@ impl Failure {
             },
             Self::Connect(reason) => RouterError::Connect { url, reason },
             Self::Local(reason) => RouterError::Exhausted { url, reason },
-            Self::Unanswered(reason) | Self::Invalid(reason) => {
+            Self::Unanswered(reason) | Self::Stale(reason) | Self::Invalid(reason) => {
                 RouterError::Upstream { url, reason }
             }
         }
@@ -190,9 +190,9 @@ impl Proxy {
     pub async fn send(&self, pool: &Pool, out: &mut Outbound) -> Result<Answer, RouterError> {
         Self::prepare(out);
         let permit = self.permits(1).await?;
-        let mut tried: Vec<Arc<Worker>> = Vec::new();
+        let mut tried = Tried::default();
         let mut last_error = RouterError::NoLiveWorker;
-        let mut sent_attempts = 0;
+        let mut resent = false;
         let mut version_deadline = None;
         loop {
             let routing = Routing {
@@ -224,19 +224,25 @@ impl Proxy {
                 );
                 return Err(failure.into_error(worker.url(), self.timeout));
             }
-            let timed_out = matches!(failure, Failure::Timeout | Failure::Invalid(_));
-            sent_attempts += usize::from(matches!(failure, Failure::Unanswered(_)));
+            let kind = Retry::of(&failure);
+            // Only failures to reach or hear from a worker can take it out of routing.
+            let blames = matches!(failure, Failure::Connect(_) | Failure::Unanswered(_));
             last_error = failure.into_error(worker.url(), self.timeout);
-            if timed_out {
-                worker.counters().failures.inc();
-                return Err(last_error);
+            match kind {
+                Retry::Never if blames => {
+                    self.count_failure(&worker);
+                    return Err(last_error);
+                }
+                Retry::Never => {
+                    worker.counters().failures.inc();
+                    return Err(last_error);
+                }
+                Retry::Counted => self.count_failure(&worker),
+                Retry::Once if resent => return Err(last_error),
+                Retry::Once => resent = true,
             }
             tracing::warn!(error = %last_error, "retrying on another worker");
-            self.count_failure(&worker);
-            tried.push(worker);
-            if sent_attempts >= MAX_SENT_ATTEMPTS {
-                break;
-            }
+            tried.insert(&worker);
         }
         Err(last_error)
     }
@@ -271,7 +277,8 @@ impl Proxy {
     }
 
     /// One request on one worker. A reused connection may have been closed by the worker
-    /// meanwhile; the request then goes once more on a fresh connection.
+    /// meanwhile: a request it did not take goes on a fresh connection, and one it took but
+    /// never answered is [`Failure::Stale`], for another worker.
     async fn exchange(
         &self,
         worker: &Worker,
@@ -286,7 +293,10 @@ impl Proxy {
                     tracing::debug!(worker = worker.url(), error = %error.error(), "stale connection");
                     request = match error.take_message() {
                         Some(unsent) => unsent,
-                        None => outbound_request(worker, out),
+                        None if error.error().is_incomplete_message() => {
+                            return Err(Failure::Stale(error_chain(error.error())));
+                        }
+                        None => return Err(Failure::Unanswered(error_chain(error.error()))),
                     };
                     conn = self.connections.connect(worker).await?;
                 }
@@ -304,6 +314,29 @@ impl Proxy {
 fn framed_once(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+/// What a failed attempt allows.
+enum Retry {
+    /// Nothing was sent (a refused or timed-out connect): another worker, as many as live,
+    /// and the failure counts against this one.
+    Counted,
+    /// [`Failure::Stale`]: one more worker at most, not counted (the worker is fine).
+    Once,
+    /// The worker may have run it, or answered what no client may get: the client hears.
+    Never,
+}
+
+impl Retry {
+    fn of(failure: &Failure) -> Self {
+        match failure {
+            Failure::Connect(_) => Self::Counted,
+            Failure::Stale(_) => Self::Once,
+            Failure::Local(_) | Failure::Unanswered(_) | Failure::Invalid(_) | Failure::Timeout => {
+                Self::Never
+            }
+        }
     }
 }
 

@@ -289,7 +289,7 @@ impl Worker {
         &self.url
     }
 
-    /// A small number unique to this registration, for per-worker tables.
+    /// A small number unique to this registration, for per-worker tables (and [`Tried`]).
     pub fn index(&self) -> usize {
         self.index
     }
@@ -413,5 +413,30 @@ mod tests {
         assert_ne!(worker_id(&a), worker_id(&c));
         assert!(worker_id(&a).bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(worker_id(&a).len(), 16);
+    }
+}
+
+/// The workers one request has failed on, by [`Worker::index`]: a pick checks each candidate
+/// in O(1), so it stays O(workers) however many have failed (a list made a request over
+/// 10,000 refusing workers take a minute).
+#[derive(Debug, Default)]
+pub struct Tried {
+    bits: Vec<u64>,
+}
+
+impl Tried {
+    /// Marks `worker` tried.
+    pub fn insert(&mut self, worker: &Worker) {
+        let (word, bit) = (worker.index() / 64, worker.index() % 64);
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        self.bits[word] |= 1 << bit;
+    }
+
+    /// Whether `worker` was tried.
+    pub fn contains(&self, worker: &Worker) -> bool {
+        let (word, bit) = (worker.index() / 64, worker.index() % 64);
+        self.bits.get(word).is_some_and(|w| w & (1 << bit) != 0)
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use http::HeaderMap;
 
-use crate::worker::{Role, Worker};
+use crate::worker::{Role, Tried, Worker};
 use version::VersionGate;
 
 /// What a policy may read of the request it routes, after every `on-request` patch.
@@ -58,7 +58,7 @@ pub enum RouteHint {
 #[derive(Debug, Clone, Copy)]
 pub struct Candidates<'a> {
     workers: &'a [Arc<Worker>],
-    tried: &'a [Arc<Worker>],
+    tried: &'a Tried,
     role: Role,
     only: Option<&'a [String]>,
     gate: Option<VersionGate<'a>>,
@@ -66,7 +66,7 @@ pub struct Candidates<'a> {
 
 impl<'a> Candidates<'a> {
     /// Every usable worker of `workers` with this role.
-    pub fn new(workers: &'a [Arc<Worker>], tried: &'a [Arc<Worker>], role: Role) -> Self {
+    pub fn new(workers: &'a [Arc<Worker>], tried: &'a Tried, role: Role) -> Self {
         Self {
             workers,
             tried,
@@ -93,7 +93,7 @@ impl<'a> Candidates<'a> {
         workers.iter().filter(move |w| {
             w.is_live()
                 && w.kind().role() == role
-                && !tried.iter().any(|t| Arc::ptr_eq(t, w))
+                && !tried.contains(w)
                 && gate.is_none_or(|g| g.allows(w))
                 && only.is_none_or(|urls| urls.iter().any(|u| u == w.url()))
         })

@@ -16,6 +16,7 @@ mod pd;
 mod proxy;
 mod radix;
 mod radix_fidelity;
+mod retries;
 mod routing;
 mod security;
 mod shutdown;
