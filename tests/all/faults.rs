@@ -203,3 +203,108 @@ async fn connections_beyond_the_cap_get_a_fast_503() -> Result<()> {
     })
     .await
 }
+
+/// One HTTP/1.1 exchange on a kept-alive raw connection: status and body.
+async fn exchange(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&answer[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                let status = head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let body = String::from_utf8_lossy(&answer[end + 4..end + 4 + length]);
+                return Ok((status, body.into_owned()));
+            }
+        }
+        let n = stream.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "the router closed the connection");
+        answer.extend_from_slice(&buf[..n]);
+    }
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[tokio::test]
+async fn running_out_of_file_descriptors_never_blames_a_worker() -> Result<()> {
+    use anyhow::Context as _;
+    use tokio::io::AsyncBufReadExt;
+    const LIMIT: usize = 64;
+    let a = mock().await?;
+    // The router in a process of its own with few descriptors (RLIMIT_NOFILE via the shell).
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_slime-router"))
+        .args([
+            "--sglang-router-port",
+            "0",
+            "--worker-urls",
+            &a.url(),
+            "--log-level",
+            "info",
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .context("router exited before listening")?;
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().context("addr")?.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut client = TcpStream::connect(&addr).await?;
+    let (status, _) = exchange(&mut client, "GET", "/workers", "").await?;
+    assert_eq!(status, 200);
+    // Idle connections take every descriptor the router has left.
+    let mut idle = Vec::new();
+    for _ in 0..LIMIT * 2 {
+        idle.push(TcpStream::connect(&addr).await?);
+    }
+    eventually(10.0, async || Ok(open_fds(pid) >= LIMIT)).await?;
+    let (status, body) = exchange(&mut client, "POST", "/generate", r#"{"text":"x"}"#).await?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("out of resources"), "{body}");
+    let (_, workers) = exchange(&mut client, "GET", "/workers", "").await?;
+    assert!(workers.contains("\"is_healthy\":true"), "{workers}");
+    // Descriptors back, the same worker serves again: it was never counted as failing.
+    drop(idle);
+    eventually(20.0, async || {
+        let (status, _) = exchange(&mut client, "POST", "/generate", r#"{"text":"x"}"#).await?;
+        Ok(status == 200)
+    })
+    .await?;
+    let (_, workers) = exchange(&mut client, "GET", "/workers", "").await?;
+    assert!(workers.contains("\"is_healthy\":true"), "{workers}");
+    assert_eq!(
+        a.requests(),
+        1,
+        "the worker saw only the request that succeeded"
+    );
+    Ok(())
+}
