@@ -4,7 +4,8 @@
 //! Config: `mode=loop|membomb|trap|sandbox|init-error|slow|sleep` (required),
 //! `at=request|response|chunk|handle|init` (default `request`), `fail=open|closed` (default
 //! closed), `ms=<n>` (for `slow`, which spins, and `sleep`, which blocks on the WASI clock;
-//! default 100), `name=<s>` (default `hostile`).
+//! default 100), `every=<n>` (in `on-request`, only requests whose id is a multiple of n;
+//! default 1), `name=<s>` (default `hostile`).
 //!
 //! Only the hook named by `at` misbehaves; every other hook is a no-op. With `at=handle` or
 //! `mode=sandbox` it serves `GET /hostile/sandbox`.
@@ -56,6 +57,8 @@ struct Config {
     at: At,
     fail_open: bool,
     ms: u64,
+    /// Misbehave in `on-request` only for requests whose id is a multiple of this (1: all).
+    every: u64,
     name: String,
 }
 
@@ -70,6 +73,7 @@ fn parse(config: &str) -> Result<Config, String> {
         at: At::Request,
         fail_open: false,
         ms: 100,
+        every: 1,
         name: "hostile".into(),
     };
     for pair in config.split('&').filter(|p| !p.is_empty()) {
@@ -106,6 +110,7 @@ fn parse(config: &str) -> Result<Config, String> {
                 };
             }
             "ms" => c.ms = value.parse().map_err(|_| bad())?,
+            "every" => c.every = value.parse().ok().filter(|&n| n > 0).ok_or_else(bad)?,
             "name" => c.name = value.into(),
             _ => return Err(format!("hostile: unknown config key `{key}`")),
         }
@@ -253,7 +258,11 @@ impl Guest for Hostile {
         })
     }
 
-    fn on_request(_req: Request) -> RequestAction {
+    fn on_request(req: Request) -> RequestAction {
+        let every = CONFIG.get().map_or(1, |c| c.every);
+        if req.id % every != 0 {
+            return RequestAction::Continue(RequestPatch::default());
+        }
         match misbehave(At::Request) {
             Some(report) => RequestAction::Respond(Reply {
                 status: 200,
