@@ -247,6 +247,7 @@ def main() -> int:
         "kills": len(kills),
         "middleware_traps": traps,
         "failed_cut_by_kill": len(cut),
+        "cut_by_kill": [f"{f[1]}: {f[2]}" for f in cut[:5]],
         "failed_while_a_worker_lived": len(other),
         "failures": [f"{f[1]}: {f[2]}" for f in other[:10]],
         "in_flight_after": in_flight,

@@ -27,6 +27,7 @@ mod json;
 mod listen;
 pub mod metrics;
 pub mod middleware;
+mod parse_errors;
 mod path;
 mod pd;
 pub mod policy;

@@ -5,6 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -21,6 +22,7 @@ use crate::config::Config;
 use crate::dispatch::{self, Local};
 use crate::health::{self, ProbeNow, Prober};
 use crate::listen;
+use crate::parse_errors::JsonErrors;
 
 /// A router serving on threads of its own; dropping it stops everything without draining.
 pub struct RunningRouter {
@@ -182,11 +184,17 @@ async fn accept_loop(listener: TcpListener, local: Arc<Local>, mut stopped: watc
             continue;
         };
         let local = local.clone();
+        // How many requests the service was handed, so that the parser's own error answers
+        // (the rest) can be told apart and given JSON bodies.
+        let seen = Arc::new(AtomicU64::new(0));
+        let counted = seen.clone();
         let service = service_fn(move |req| {
+            counted.fetch_add(1, Ordering::Relaxed);
             let local = local.clone();
             async move { Ok::<_, Infallible>(dispatch::handle(&local, req).await) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = TokioIo::new(JsonErrors::new(stream, seen));
+        let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             let _ = connection.await;
             drop(slot);

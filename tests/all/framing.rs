@@ -161,3 +161,50 @@ async fn idle_worker_connections_close_after_a_burst() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn requests_the_parser_refuses_get_json_answers() -> Result<()> {
+    let a = mock().await?;
+    let r = router_with(&[&a]).await?;
+    let long_uri = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "b".repeat(600_000)
+    );
+    let cases = [
+        (
+            "GET / HTTP/1.1\r\nhost: x\r\nno colon here\r\n\r\n".to_owned(),
+            "400",
+        ),
+        (long_uri, "414"),
+        (huge_header, "431"),
+    ];
+    for (request, status) in cases {
+        let mut stream = TcpStream::connect(r.router.addr()).await?;
+        // The router may answer and close before taking every byte of a huge head.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let answer = read_all(&mut stream).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{status}: {answer:.200}"
+        );
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+        assert!(
+            parse(body.as_bytes())?["error"].is_string(),
+            "{answer:.300}"
+        );
+    }
+    // After a good request on the same connection, a bad one is still the parser's.
+    let mut stream = TcpStream::connect(r.router.addr()).await?;
+    stream
+        .write_all(b"GET /workers HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nbad header\r\n\r\n")
+        .await?;
+    let answer = read_all(&mut stream).await;
+    let second = answer.split("HTTP/1.1 ").nth(2).unwrap_or_default();
+    assert!(second.starts_with("400"), "{answer}");
+    assert!(
+        second.contains("application/json") && second.contains("\"error\""),
+        "{answer}"
+    );
+    Ok(())
+}
