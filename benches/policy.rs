@@ -12,7 +12,10 @@ use slime_router::metrics::Metrics;
 use slime_router::policy::cache_aware::CacheAware;
 use slime_router::policy::{Candidates, LoadBound, Policy, Routing};
 use slime_router::pool::Pool;
-use slime_router::worker::{Role, WorkerType, WorkerUrl};
+use slime_router::worker::{Role, Tried, WorkerType, WorkerUrl};
+
+/// No worker failed yet, as for a request's first pick.
+static NONE_TRIED: Tried = Tried::new();
 
 /// A slime-shaped body: `input_ids` written as Python's json.dumps writes them.
 fn body(tokens: usize, salt: u32) -> String {
@@ -47,7 +50,7 @@ fn decision(c: &mut Criterion) {
                 headers: &headers,
                 body: other.as_bytes(),
             };
-            let candidates = Candidates::new(&workers, &[], Role::Regular);
+            let candidates = Candidates::new(&workers, &NONE_TRIED, Role::Regular);
             policy.choose(&routing, &candidates);
         }
         let request = body(tokens, 0);
@@ -58,7 +61,7 @@ fn decision(c: &mut Criterion) {
         };
         c.bench_function(&format!("cache_aware_decision/{tokens}_tokens"), |b| {
             b.iter(|| {
-                let candidates = Candidates::new(&workers, &[], Role::Regular);
+                let candidates = Candidates::new(&workers, &NONE_TRIED, Role::Regular);
                 black_box(policy.choose(&routing, &candidates).map(|w| w.index()))
             })
         });
@@ -73,7 +76,7 @@ fn decision(c: &mut Criterion) {
             headers: &headers,
             body: prompt.as_bytes(),
         };
-        policy.choose(&routing, &Candidates::new(one, &[], Role::Regular));
+        policy.choose(&routing, &Candidates::new(one, &NONE_TRIED, Role::Regular));
     }
     let per_million = policy.memory_bytes() as f64 / 1.024;
     println!(

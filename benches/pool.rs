@@ -7,7 +7,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use slime_router::metrics::Metrics;
 use slime_router::policy::{RouteHint, Routing};
 use slime_router::pool::Pool;
-use slime_router::worker::{Role, WorkerType, WorkerUrl};
+use slime_router::worker::{Role, Tried, WorkerType, WorkerUrl};
 
 fn pool(workers: u16) -> Pool {
     let pool = Pool::new(Arc::new(Metrics::new()));
@@ -24,14 +24,26 @@ fn selection(c: &mut Criterion) {
         let pool = pool(workers);
         // Some load, so the scan has minima and ties to resolve.
         let held: Vec<_> = (0..workers / 2)
-            .filter_map(|_| pool.pick(&Routing::none(), None, &[], Role::Regular).ok())
+            .filter_map(|_| {
+                pool.pick(&Routing::none(), None, &Tried::default(), Role::Regular)
+                    .ok()
+            })
             .collect();
         c.bench_function(&format!("pool_pick_release/{workers}_workers"), |b| {
-            b.iter(|| black_box(pool.pick(&Routing::none(), None, &[], Role::Regular)))
+            b.iter(|| {
+                black_box(pool.pick(&Routing::none(), None, &Tried::default(), Role::Regular))
+            })
         });
         let hint = RouteHint::Prefer(format!("http://127.0.0.1:{}", 20000 + workers - 1));
         c.bench_function(&format!("pool_pick_prefer/{workers}_workers"), |b| {
-            b.iter(|| black_box(pool.pick(&Routing::none(), Some(&hint), &[], Role::Regular)))
+            b.iter(|| {
+                black_box(pool.pick(
+                    &Routing::none(),
+                    Some(&hint),
+                    &Tried::default(),
+                    Role::Regular,
+                ))
+            })
         });
         drop(held);
     }

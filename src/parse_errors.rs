@@ -65,10 +65,10 @@ impl<S> JsonErrors<S> {
             .find("\r\ncontent-length: 0\r\n")?;
         let body = format!(r#"{{"error":"{message}"}}"#);
         let mut out = Vec::with_capacity(buf.len() + body.len() + 40);
-        out.extend_from_slice(head[..length].as_bytes());
+        out.extend_from_slice(&head.as_bytes()[..length]);
         out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
         out.extend_from_slice(body.len().to_string().as_bytes());
-        out.extend_from_slice(head[length + "\r\ncontent-length: 0".len()..].as_bytes());
+        out.extend_from_slice(&head.as_bytes()[length + "\r\ncontent-length: 0".len()..]);
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body.as_bytes());
         Some(out)

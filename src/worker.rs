@@ -425,6 +425,11 @@ pub struct Tried {
 }
 
 impl Tried {
+    /// None tried yet.
+    pub const fn new() -> Self {
+        Self { bits: Vec::new() }
+    }
+
     /// Marks `worker` tried.
     pub fn insert(&mut self, worker: &Worker) {
         let (word, bit) = (worker.index() / 64, worker.index() % 64);

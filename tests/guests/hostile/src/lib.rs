@@ -260,7 +260,7 @@ impl Guest for Hostile {
 
     fn on_request(req: Request) -> RequestAction {
         let every = CONFIG.get().map_or(1, |c| c.every);
-        if req.id % every != 0 {
+        if !req.id.is_multiple_of(every) {
             return RequestAction::Continue(RequestPatch::default());
         }
         match misbehave(At::Request) {
