@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test: the router's unit and integration tests (which build the guest
-# components), the radix-tree cache's own unit and property tests (native), then the wheel:
+# components), the radix-tree cache's and chat guest's own unit and property tests (native),
+# then the wheel:
 # built from the same release binaries, installed into a fresh venv, and the Python API's
 # tests run against it. Extra arguments go to the router's `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo test --release "$@"
-cargo test --release --manifest-path middleware-examples/Cargo.toml -p radix-tree
+cargo test --release --manifest-path middleware-examples/Cargo.toml -p radix-tree -p chat-completions
 
 scripts/build-wheel.sh
 VENV=$PWD/target/python/test

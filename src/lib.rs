@@ -41,6 +41,7 @@ mod upstream;
 mod versions;
 pub mod worker;
 mod worker_hosts;
+mod worker_stream;
 
 pub use config::Config;
 pub use server::RunningRouter;

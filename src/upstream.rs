@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::worker::Worker;
+use crate::worker_stream::WorkerStream;
 
 /// Idle connections older than this are not reused: servers close idle keep-alive
 /// connections (uvicorn, which serves SGLang, after 5 s), and a request sent on one being
@@ -28,9 +29,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 pub type Sender = SendRequest<Full<Bytes>>;
 
+/// An idle connection: since when, its sender, and its [`WorkerStream`] flag.
+type Idle = (Instant, Sender, Arc<AtomicBool>);
+
 /// One serving thread's idle connections, by worker id.
 pub struct Connections {
-    idle: Mutex<Vec<Vec<(Instant, Sender)>>>,
+    idle: Mutex<Vec<Vec<Idle>>>,
     /// `--connect-timeout-secs`: a host that drops SYNs (powered off) fails this fast, apart
     /// from the response timeout, so its requests move to a live worker.
     connect_timeout: Duration,
@@ -66,6 +70,8 @@ pub struct Conn {
     pub sender: Sender,
     /// Whether it served a request before (a failure on it may just be a stale connection).
     pub reused: bool,
+    /// Set when the worker stopped reading it (see [`WorkerStream`]): never reused then.
+    closed_for_writes: Arc<AtomicBool>,
     worker: usize,
     home: Arc<Connections>,
 }
@@ -73,7 +79,7 @@ pub struct Conn {
 impl Conn {
     /// Returns the connection for reuse; call only after its response was read to the end.
     pub fn release(self) {
-        if self.sender.is_closed() {
+        if self.sender.is_closed() || self.closed_for_writes.load(Ordering::Relaxed) {
             return;
         }
         self.home.start_sweeping();
@@ -86,7 +92,7 @@ impl Conn {
             // The oldest is the likeliest to be closed by the worker soon.
             list.remove(0);
         }
-        list.push((Instant::now(), self.sender));
+        list.push((Instant::now(), self.sender, self.closed_for_writes));
     }
 }
 
@@ -118,13 +124,13 @@ impl Connections {
                     return;
                 };
                 for list in home.lock().iter_mut() {
-                    list.retain(|(since, s)| since.elapsed() < MAX_IDLE && !s.is_closed());
+                    list.retain(|(since, s, _)| since.elapsed() < MAX_IDLE && !s.is_closed());
                 }
             }
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<(Instant, Sender)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<Idle>>> {
         self.idle
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -132,20 +138,20 @@ impl Connections {
 
     /// An idle connection to `worker`, or a new one.
     pub async fn get(self: &Arc<Self>, worker: &Worker) -> Result<Conn, ConnectError> {
-        while let Some(mut sender) = self.pop(worker.index()) {
+        while let Some((mut sender, flag)) = self.pop(worker.index()) {
             if sender.ready().await.is_ok() {
-                return Ok(self.conn(sender, worker, true));
+                return Ok(self.conn(sender, flag, worker, true));
             }
         }
         self.connect(worker).await
     }
 
-    fn pop(&self, worker: usize) -> Option<Sender> {
+    fn pop(&self, worker: usize) -> Option<(Sender, Arc<AtomicBool>)> {
         let mut idle = self.lock();
         let list = idle.get_mut(worker)?;
-        while let Some((since, sender)) = list.pop() {
+        while let Some((since, sender, flag)) = list.pop() {
             if since.elapsed() < MAX_IDLE && !sender.is_closed() {
-                return Some(sender);
+                return Some((sender, flag));
             }
         }
         None
@@ -163,6 +169,7 @@ impl Connections {
             })?
             .map_err(|e| ConnectError::io("connect", &e))?;
         let _ = stream.set_nodelay(true);
+        let (stream, flag) = WorkerStream::new(stream);
         let (sender, connection) =
             http1::handshake(TokioIo::new(stream))
                 .await
@@ -175,13 +182,20 @@ impl Connections {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
         });
-        Ok(self.conn(sender, worker, false))
+        Ok(self.conn(sender, flag, worker, false))
     }
 
-    fn conn(self: &Arc<Self>, sender: Sender, worker: &Worker, reused: bool) -> Conn {
+    fn conn(
+        self: &Arc<Self>,
+        sender: Sender,
+        closed_for_writes: Arc<AtomicBool>,
+        worker: &Worker,
+        reused: bool,
+    ) -> Conn {
         Conn {
             sender,
             reused,
+            closed_for_writes,
             worker: worker.index(),
             home: self.clone(),
         }

@@ -208,3 +208,20 @@ async fn requests_the_parser_refuses_get_json_answers() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_worker_answering_before_it_reads_the_body_is_relayed() -> Result<()> {
+    // A worker may refuse an upload from its head alone (413) and close without reading it.
+    let (url, worker) = canned_worker(
+        b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\ncontent-length: 22\r\n\
+          connection: close\r\n\r\n{\"error\":\"too large!\"}",
+    )
+    .await?;
+    let r = router(|c| c.worker_urls = vec![url]).await?;
+    let body = format!(r#"{{"text": "{}"}}"#, "x".repeat(8 << 20));
+    let (status, answer) = r.post_raw("/generate", body).await?;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(parse(&answer)?["error"], "too large!");
+    worker.abort();
+    Ok(())
+}
