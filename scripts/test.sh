@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: the router's unit and integration tests (which build the guest
-# components), the radix-tree cache's and chat guest's own unit and property tests (native),
-# then the wheel:
-# built from the same release binaries, installed into a fresh venv, and the Python API's
-# tests run against it. Extra arguments go to the router's `cargo test`.
+# components), the radix-tree cache's and the chat guest's own unit and property tests
+# (native), then the wheel: built from the same release binaries, installed into a fresh
+# venv, and the Python API's tests run against it. Extra arguments go to the router's `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
