@@ -2,10 +2,10 @@
 //! over `/generate` with `input_ids` (issue 13's benchmark), on a 10-turn conversation of
 //! about 8k tokens, streamed and not.
 //!
-//! cargo run --release --example chat_latency -- [--rounds 200] [--turn-chars 2400]
+//! cargo run --release --example chat_latency -- [--rounds 200] [--turn-chars 3600]
 //!
 //! Nine turns go through the chat route first, so the cache holds the conversation as an RL
-//! rollout would. Each round then sends a tenth turn with a new user message (its ~800
+//! rollout would. Each round then sends a tenth turn with a new user message (its ~850
 //! tokens are tokenised, the rest comes from the cache) through the chat route, and the exact
 //! `input_ids` the worker got for it to `/generate` on a second router without middleware,
 //! in the same round, streamed and not. Router, mock worker and client share this process
@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     rounds: usize,
     /// Characters of each user message (about 3 per token with the test tokenizer).
-    #[arg(long, default_value_t = 3400)]
+    #[arg(long, default_value_t = 3600)]
     turn_chars: usize,
 }
 
