@@ -163,3 +163,40 @@ pub async fn wait_closed(addr: std::net::SocketAddr) -> Result<()> {
     })
     .await
 }
+
+/// Starts the router binary with `args` (through `program`'s `pre` arguments when given, e.g.
+/// a shell that lowers a limit first) and returns it with the address it listens on, read
+/// from its log. The rest of its log is drained, so it never blocks on a full pipe.
+pub async fn spawn_router(pre: &[&str], args: &[&str]) -> Result<(tokio::process::Child, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let router = env!("CARGO_BIN_EXE_slime-router");
+    let mut command = match pre.split_first() {
+        Some((program, rest)) => {
+            let mut c = tokio::process::Command::new(program);
+            c.args(rest).arg(router);
+            c
+        }
+        None => tokio::process::Command::new(router),
+    };
+    let mut child = command
+        .args(["--sglang-router-port", "0", "--log-level", "info"])
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await?
+            .context("router exited before listening")?;
+        if let Some(rest) = line.split("addr=").nth(1) {
+            break rest.split_whitespace().next().context("addr")?.to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, addr))
+}

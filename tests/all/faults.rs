@@ -6,7 +6,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use guest_artifacts::PROBE;
 
-use crate::common::{eventually, mock, mw, router};
+use crate::common::{eventually, mock, mw, router, spawn_router};
 
 /// A listener on 127.0.0.1 whose accept queue is full, so that further connects hang as they
 /// do to a powered-off host that drops SYNs. Returns its url and what keeps it so.
@@ -246,38 +246,12 @@ fn open_fds(pid: u32) -> usize {
 #[tokio::test]
 async fn running_out_of_file_descriptors_never_blames_a_worker() -> Result<()> {
     use anyhow::Context as _;
-    use tokio::io::AsyncBufReadExt;
     const LIMIT: usize = 64;
     let a = mock().await?;
     // The router in a process of its own with few descriptors (RLIMIT_NOFILE via the shell).
-    let mut child = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\""))
-        .arg(env!("CARGO_BIN_EXE_slime-router"))
-        .args([
-            "--sglang-router-port",
-            "0",
-            "--worker-urls",
-            &a.url(),
-            "--log-level",
-            "info",
-        ])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let limit = format!("ulimit -n {LIMIT} && exec \"$0\" \"$@\"");
+    let (child, addr) = spawn_router(&["sh", "-c", &limit], &["--worker-urls", &a.url()]).await?;
     let pid = child.id().context("pid")?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("router exited before listening")?;
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().context("addr")?.to_owned();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let mut client = TcpStream::connect(&addr).await?;
     let (status, _) = exchange(&mut client, "GET", "/workers", "").await?;
     assert_eq!(status, 200);

@@ -1,13 +1,11 @@
 //! Graceful shutdown: in-flight requests finish, new ones are refused.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::common::{eventually, mock, router_with};
+use crate::common::{eventually, mock, router_with, spawn_router};
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish() -> Result<()> {
@@ -40,31 +38,7 @@ async fn shutdown_lets_in_flight_requests_finish() -> Result<()> {
 #[tokio::test]
 async fn sigterm_drains_and_exits_zero() -> Result<()> {
     let a = mock().await?;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_slime-router"))
-        .args([
-            "--sglang-router-port",
-            "0",
-            "--worker-urls",
-            &a.url(),
-            "--log-level",
-            "info",
-        ])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next_line()
-            .await?
-            .context("router exited before listening")?;
-        if let Some(rest) = line.split("addr=").nth(1) {
-            break rest.split_whitespace().next().context("addr")?.to_owned();
-        }
-    };
+    let (mut child, addr) = spawn_router(&[], &["--worker-urls", &a.url()]).await?;
     let client = reqwest::Client::new();
     let slow = tokio::spawn(
         client
