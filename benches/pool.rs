@@ -49,5 +49,19 @@ fn selection(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, selection);
+/// A request's last pick after every other worker failed for it: the tried set must cost
+/// O(1) per candidate, so this stays linear in the workers.
+fn after_failures(c: &mut Criterion) {
+    let workers = 10_000u16;
+    let pool = pool(workers);
+    let mut tried = Tried::new();
+    for worker in pool.snapshot().iter().take(usize::from(workers) - 1) {
+        tried.insert(worker);
+    }
+    c.bench_function("pool_pick_after_failures/10000_workers_9999_tried", |b| {
+        b.iter(|| black_box(pool.pick(&Routing::none(), None, &tried, Role::Regular)))
+    });
+}
+
+criterion_group!(benches, selection, after_failures);
 criterion_main!(benches);
