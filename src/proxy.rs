@@ -56,8 +56,9 @@ pub enum Failure {
     /// The request may have reached the worker, which then failed without answering. It may
     /// have run there (a generation, a weight update), so it is never sent again.
     Unanswered(String),
-    /// Sent on a reused idle connection that the worker had closed: no byte of an answer
-    /// came, so it never ran. It may go once more, to another worker.
+    /// Sent on a reused idle connection that ended (closed or reset) before any byte of an
+    /// answer: most often the worker had closed it while idle, so the request never ran. It
+    /// may go once more, to another worker.
     Stale(String),
     /// The worker answered with something no client may be given (an unasked `101`).
     Invalid(String),
@@ -293,7 +294,7 @@ impl Proxy {
                     tracing::debug!(worker = worker.url(), error = %error.error(), "stale connection");
                     request = match error.take_message() {
                         Some(unsent) => unsent,
-                        None if error.error().is_incomplete_message() => {
+                        None if ended_unanswered(error.error()) => {
                             return Err(Failure::Stale(error_chain(error.error())));
                         }
                         None => return Err(Failure::Unanswered(error_chain(error.error()))),
@@ -307,6 +308,20 @@ impl Proxy {
             Err(e) => Err(Failure::Unanswered(error_chain(&e))),
         }
     }
+}
+
+/// Whether a connection ended before any byte of an answer: an EOF (the worker closed it as
+/// the request went out) or a reset (its socket closed with the request unread).
+fn ended_unanswered(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+            return matches!(io.kind(), ConnectionReset | ConnectionAborted | BrokenPipe);
+        }
+        source = cause.source();
+    }
+    error.is_incomplete_message()
 }
 
 /// A worker answer framed both ways: chunked wins and the length goes (RFC 9112 §6.3), as

@@ -132,7 +132,7 @@ async fn a_fast_failing_worker_attracts_no_traffic_and_goes_dead() -> Result<()>
 }
 
 #[tokio::test]
-async fn killing_a_worker_under_load_fails_no_request() -> Result<()> {
+async fn killing_a_worker_under_load_fails_no_request_it_was_not_running() -> Result<()> {
     let mut a = mock().await?;
     let b = mock().await?;
     let urls = vec![a.url(), b.url()];
@@ -146,8 +146,10 @@ async fn killing_a_worker_under_load_fails_no_request() -> Result<()> {
     for _ in 0..8 {
         let (client, url, stop) = (r.client.clone(), r.url("/generate"), stop.clone());
         load.spawn(async move {
+            // Each failure with the moment its request was sent.
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent_at = std::time::Instant::now();
                 let sent = client
                     .post(&url)
                     .header("x-mock-delay-ms", "5")
@@ -156,15 +158,16 @@ async fn killing_a_worker_under_load_fails_no_request() -> Result<()> {
                     .await;
                 match sent {
                     Ok(response) if response.status().is_success() => ok += 1,
-                    Ok(response) => failed.push(response.status().to_string()),
-                    Err(e) => failed.push(e.to_string()),
+                    Ok(response) => failed.push((sent_at, response.text().await?)),
+                    Err(e) => failed.push((sent_at, e.to_string())),
                 }
             }
-            (ok, failed)
+            anyhow::Ok((ok, failed))
         });
     }
     // Both workers serve the load before the kill, and b serves it alone while a is dead.
     eventually(3.0, async || Ok(a.requests() >= 20 && b.requests() >= 20)).await?;
+    let killed_at = std::time::Instant::now();
     a.kill();
     eventually(3.0, async || Ok(!r.workers().await?[0].2)).await?;
     let alone = b.requests();
@@ -176,16 +179,21 @@ async fn killing_a_worker_under_load_fails_no_request() -> Result<()> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ok, mut failed) = (0, Vec::new());
     while let Some(result) = load.join_next().await {
-        let (o, f) = result?;
+        let (o, f) = result??;
         ok += o;
         failed.extend(f);
     }
+    // A request a was running when it died may have run there, so it is never sent again:
+    // its client hears 502 naming a. Every other request succeeds.
+    let wrongly: Vec<_> = failed
+        .iter()
+        .filter(|(sent_at, error)| *sent_at > killed_at || !error.contains(&a.url()))
+        .map(|(_, error)| error)
+        .collect();
+    assert!(wrongly.is_empty(), "failed: {wrongly:?}");
     assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        ok as usize + failed.len(),
-        &failed[..failed.len().min(5)]
+        failed.len() <= 8,
+        "one in flight per client at most: {failed:?}"
     );
     assert!(ok > 100, "load ran ({ok} requests)");
     r.assert_counts_return_to_zero().await

@@ -14,23 +14,30 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{TestRouter, mock_with, router_with};
 
+/// How a worker drops a connection: a FIN, or a reset (as a killed process's socket does).
+#[derive(Clone, Copy)]
+enum Drop {
+    Close,
+    Reset,
+}
+
 /// A worker that answers anything but `/generate` with `{}`; of the `/generate` requests on a
 /// connection, the first `answered` get `{"text":"ok"}` and the next is read, then the
-/// connection closed without an answer. Counts the `/generate` requests it read.
-async fn closes_after(answered: usize) -> Result<(String, Arc<AtomicUsize>)> {
+/// connection dropped without an answer. Counts the `/generate` requests it read.
+async fn closes_after(answered: usize, how: Drop) -> Result<(String, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let generates = Arc::new(AtomicUsize::new(0));
     let count = generates.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve(stream, answered, count.clone()));
+            tokio::spawn(serve(stream, answered, how, count.clone()));
         }
     });
     Ok((url, generates))
 }
 
-async fn serve(mut stream: TcpStream, answered: usize, generates: Arc<AtomicUsize>) {
+async fn serve(mut stream: TcpStream, answered: usize, how: Drop, generates: Arc<AtomicUsize>) {
     let mut served = 0;
     loop {
         let mut request = Vec::new();
@@ -45,6 +52,9 @@ async fn serve(mut stream: TcpStream, answered: usize, generates: Arc<AtomicUsiz
         let body: &[u8] = if request.starts_with(b"POST /generate") {
             generates.fetch_add(1, Ordering::SeqCst);
             if served == answered {
+                if let Drop::Reset = how {
+                    let _ = stream.set_zero_linger();
+                }
                 return;
             }
             served += 1;
@@ -85,7 +95,7 @@ async fn busy_mock_then(url: &str) -> Result<(MockWorker, TestRouter, reqwest::R
 
 #[tokio::test]
 async fn a_request_a_worker_read_and_never_answered_is_not_sent_again() -> Result<()> {
-    let (url, generates) = closes_after(0).await?;
+    let (url, generates) = closes_after(0, Drop::Close).await?;
     let (mock, r, _stream) = busy_mock_then(&url).await?;
     let (status, answer) = r.post("/generate", &json!({"text": "once"})).await?;
     // It may have run there: the client hears, and the other worker never sees it.
@@ -101,7 +111,16 @@ async fn a_request_a_worker_read_and_never_answered_is_not_sent_again() -> Resul
 
 #[tokio::test]
 async fn a_request_lost_on_a_stale_connection_goes_once_to_another_worker() -> Result<()> {
-    let (url, generates) = closes_after(1).await?;
+    lost_on_a_reused_connection(Drop::Close).await
+}
+
+#[tokio::test]
+async fn a_request_reset_on_a_reused_connection_goes_once_to_another_worker() -> Result<()> {
+    lost_on_a_reused_connection(Drop::Reset).await
+}
+
+async fn lost_on_a_reused_connection(how: Drop) -> Result<()> {
+    let (url, generates) = closes_after(1, how).await?;
     let (mock, r, _stream) = busy_mock_then(&url).await?;
     // One client connection, so both requests come through one serving thread and its pool.
     let (first, _) = r.post("/generate", &json!({"text": "a"})).await?;
