@@ -1,11 +1,15 @@
 //! The RL loop's control calls through the router: abort by rid against fan-out, pause and
 //! continue, weight updates fanned out with per-worker results, and version-aware routing.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use mock_worker::{MockConfig, MockWorker};
 use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
 
 use crate::common::{TestRouter, eventually, metric, mock_with, router};
 
@@ -132,6 +136,64 @@ async fn abort_all_fans_out_and_answers_after_every_worker() -> Result<()> {
     for stream in [first, second] {
         assert!(rest(stream).await?.contains(r#""type":"abort""#));
     }
+    Ok(())
+}
+
+/// A worker that reads what it is sent and never answers; counts the connections it took.
+async fn never_answers() -> Result<(String, Arc<AtomicUsize>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let taken = Arc::new(AtomicUsize::new(0));
+    let count = taken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    Ok((url, taken))
+}
+
+#[tokio::test]
+async fn fan_out_calls_report_a_worker_that_never_answers_as_timed_out() -> Result<()> {
+    // No --slime-router-timeout: the control timeout alone bounds each worker's call.
+    let a = mock_with(MockConfig::default()).await?;
+    let (hung, taken) = never_answers().await?;
+    let urls = vec![a.url(), hung.clone()];
+    let r = router(|c| {
+        c.worker_urls = urls;
+        c.slime_router_timeout = None;
+        c.control_timeout_secs = 0.5;
+    })
+    .await?;
+    for (path, body) in [
+        ("/flush_cache", json!({})),
+        ("/abort_request", json!({"abort_all": true})),
+        ("/pause_generation", json!({})),
+    ] {
+        let call = r.post(path, &body);
+        // Without the bound the call never returns; 20 s only turns that hang into a failure.
+        let (status, answer) = tokio::time::timeout(Duration::from_secs(20), call).await??;
+        assert_eq!(status, 504, "{path}: {answer}");
+        let results = answer["results"].as_array().context("results")?;
+        let entry = |url: &str| results.iter().find(|e| e["url"] == url).cloned();
+        assert_eq!(
+            entry(&a.url()).context("live entry")?["status"],
+            200,
+            "{answer}"
+        );
+        let timed_out = entry(&hung).context("hung entry")?;
+        assert_eq!(timed_out["status"], 504, "{answer}");
+        let error = timed_out["error"].as_str().unwrap_or_default();
+        assert!(error.contains("--control-timeout-secs"), "{answer}");
+    }
+    assert!(
+        taken.load(Ordering::SeqCst) >= 3,
+        "the hung worker got each call"
+    );
     Ok(())
 }
 
