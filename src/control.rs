@@ -120,10 +120,13 @@ impl Control {
             true => None,
             false => Some(self.turn.lock().await),
         };
+        let before = pause_ahead(endpoint.effect, &targets);
         let results = self.fan_out(&targets, &call).await;
-        for (worker, result) in targets.iter().zip(&results) {
+        for ((worker, result), was_paused) in targets.iter().zip(&results).zip(before) {
             if result.ok() {
                 self.apply(endpoint.effect, worker, &call).await;
+            } else if let Some(was_paused) = was_paused {
+                worker.set_paused(was_paused);
             }
         }
         Ok(report(&results))
@@ -192,6 +195,23 @@ impl Control {
             }
         }
     }
+}
+
+/// Marks the targets of a pause paused before the call goes out, and returns what each was.
+/// An engine stops generating as soon as it reads the call, before the router hears back;
+/// a health probe failing in that gap would otherwise count, and could take it out of
+/// routing while paused. A worker whose call fails gets its old state back.
+fn pause_ahead(effect: Effect, targets: &[Arc<Worker>]) -> Vec<Option<bool>> {
+    targets
+        .iter()
+        .map(|worker| {
+            (effect == Effect::Pause(true)).then(|| {
+                let was = worker.is_paused();
+                worker.set_paused(true);
+                was
+            })
+        })
+        .collect()
 }
 
 fn live(pool: &Pool) -> Vec<Arc<Worker>> {
